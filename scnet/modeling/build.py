@@ -1,0 +1,109 @@
+"""Model builders: the only place that reads the config. ``ARCHITECTURES`` maps ``model.arch`` to a builder."""
+import torch.nn as nn
+
+from .backbone.resnet import ResNet
+from .detector import TwoStageDetector
+from .neck.fpn import FPN
+from .roi_heads.box_head import BoxHead
+from .roi_heads.feature_relay import FeatureRelay
+from .roi_heads.global_context import GlobalContextHead
+from .roi_heads.mask_head import SCNetMaskHead
+from .roi_heads.scnet import SCNetRoIHeads
+from .roi_heads.semantic_head import SemanticHead
+from .rpn import RPN
+
+
+def build_backbone_and_neck(m):
+    b = m.backbone
+    backbone = ResNet(b.depth, b.groups, b.width_per_group, b.base_channels, b.frozen_stages)
+    neck = FPN(backbone.out_channels, m.fpn.out_channels, num_extra_levels=len(m.rpn.anchor_strides) - 4)
+    return backbone, neck
+
+
+def build_rpn(m):
+    r = m.rpn
+    return RPN(
+        in_channels=m.fpn.out_channels,
+        head_channels=r.head_channels,
+        anchor_strides=r.anchor_strides,
+        anchor_scales=r.anchor_scales,
+        anchor_ratios=r.anchor_ratios,
+        positive_iou=r.positive_iou,
+        negative_iou=r.negative_iou,
+        min_positive_iou=r.min_positive_iou,
+        batch_size_per_image=r.batch_size_per_image,
+        positive_fraction=r.positive_fraction,
+        smooth_l1_beta=r.smooth_l1_beta,
+        pre_nms_top_n=(r.pre_nms_top_n_train, r.pre_nms_top_n_test),
+        post_nms_top_n=(r.post_nms_top_n_train, r.post_nms_top_n_test),
+        nms_iou=r.nms_iou,
+        min_box_size=r.min_box_size,
+    )
+
+
+def build_scnet_roi_heads(m):
+    c = m.fpn.out_channels
+    r = m.roi_heads
+    box_heads = [BoxHead(c, r.box_pool_size, r.fc_dim, m.num_classes) for _ in r.stage_ious]
+    semantic = global_context = relay = None
+    if m.semantic.enabled:
+        s = m.semantic
+        semantic = SemanticHead(c, c, len(m.rpn.anchor_strides), s.fusion_level, s.num_res_blocks, s.num_classes)
+    if m.global_context.enabled:
+        global_context = GlobalContextHead(c, m.global_context.num_res_blocks, m.num_classes)
+    if m.feature_relay.enabled:
+        relay = FeatureRelay(r.fc_dim, c, r.box_pool_size)
+    return SCNetRoIHeads(
+        box_heads,
+        SCNetMaskHead(c, m.mask_head.num_res_blocks, m.num_classes),
+        semantic_head=semantic,
+        global_context_head=global_context,
+        feature_relay=relay,
+        num_classes=m.num_classes,
+        stage_ious=r.stage_ious,
+        stage_loss_weights=r.stage_loss_weights,
+        box_stds=r.box_stds,
+        batch_size_per_image=r.batch_size_per_image,
+        positive_fraction=r.positive_fraction,
+        box_pool_size=r.box_pool_size,
+        mask_pool_size=r.mask_pool_size,
+        finest_scale=r.finest_scale,
+        semantic_stride=m.rpn.anchor_strides[m.semantic.fusion_level],
+        box_smooth_l1_beta=r.box_smooth_l1_beta,
+        mask_resolution=m.mask_head.resolution,
+        mask_loss_weight=m.mask_head.loss_weight,
+        semantic_loss_weight=m.semantic.loss_weight,
+        semantic_ignore_index=m.semantic.ignore_index,
+        semantic_loss_normalization=m.semantic.loss_normalization,
+        global_context_loss_weight=m.global_context.loss_weight,
+        score_thresh=m.test.score_thresh,
+        nms_iou=m.test.nms_iou,
+        max_detections=m.test.max_detections,
+    )
+
+
+def build_scnet(cfg) -> nn.Module:
+    m = cfg.model
+    backbone, neck = build_backbone_and_neck(m)
+    return TwoStageDetector(
+        backbone,
+        neck,
+        build_rpn(m),
+        build_scnet_roi_heads(m),
+        pixel_mean=m.input.pixel_mean,
+        pixel_std=m.input.pixel_std,
+        size_divisibility=m.input.size_divisibility,
+        test_scale=m.input.test_scale,
+        mask_threshold=m.test.mask_threshold,
+        semantic_pad_value=m.semantic.pad_value,
+        semantic_stride=m.rpn.anchor_strides[m.semantic.fusion_level],
+    )
+
+
+ARCHITECTURES = {"scnet": build_scnet}
+
+
+def build_detector(cfg) -> nn.Module:
+    if cfg.model.arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model.arch {cfg.model.arch!r}; choose from {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[cfg.model.arch](cfg)

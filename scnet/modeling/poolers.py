@@ -1,0 +1,45 @@
+"""RoI feature extraction: multi-level RoIAlign with FPN level mapping (spec §6)."""
+import torch
+import torch.nn as nn
+from torchvision.ops import roi_align
+
+
+def map_levels(rois, num_levels, finest_scale=56):
+    """Level index 0..num_levels-1 of each (R, 5) RoI: floor(log2(sqrt(w h) / 56 + 1e-6)) (§24.25)."""
+    scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
+    levels = torch.floor(torch.log2(scale / finest_scale + 1e-6))
+    return levels.clamp(min=0, max=num_levels - 1).long()
+
+
+def rois_from_boxes(boxes_per_image):
+    """Per-image (K_i, 4) boxes -> (R, 5) [image index, x1, y1, x2, y2], the RoIAlign format."""
+    rois = [torch.cat([b.new_full((b.shape[0], 1), i), b[:, :4]], dim=1) for i, b in enumerate(boxes_per_image)]
+    return torch.cat(rois, dim=0)
+
+
+class MultiLevelRoIAlign(nn.Module):
+    """RoIAlign (aligned=True, adaptive sampling, average) on the level each RoI maps to (§24.1).
+
+    Args:
+        output_size: 7 for the box branch, 14 for the mask branch.
+        strides: strides of the levels used (P2-P5); P6 is never pooled (§4).
+    """
+
+    def __init__(self, output_size, strides=(4, 8, 16, 32), finest_scale=56, sampling_ratio=0):
+        super().__init__()
+        self.output_size = (output_size, output_size)
+        self.strides = tuple(strides)
+        self.finest_scale = finest_scale
+        self.sampling_ratio = sampling_ratio
+
+    def forward(self, features, rois):
+        """features: list of at least len(strides) maps (N, C, H, W); rois: (R, 5). -> (R, C, S, S)."""
+        if len(self.strides) == 1:
+            return roi_align(features[0], rois, self.output_size, 1.0 / self.strides[0], self.sampling_ratio, True)
+        levels = map_levels(rois, len(self.strides), self.finest_scale)
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1]) + self.output_size)
+        for level, stride in enumerate(self.strides):
+            idx = (levels == level).nonzero().view(-1)
+            if idx.numel() > 0:
+                out[idx] = roi_align(features[level], rois[idx], self.output_size, 1.0 / stride, self.sampling_ratio, True)
+        return out

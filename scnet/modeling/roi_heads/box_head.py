@@ -1,0 +1,59 @@
+"""Box head of one cascade stage: two shared FCs, a classifier and a box regressor (spec §9.3, §9.5)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..losses import smooth_l1_loss
+
+
+class BoxHead(nn.Module):
+    """flatten (C x H x W order) -> fc -> ReLU -> fc -> ReLU = shared feature h -> cls / deltas.
+
+    Args:
+        num_classes: foreground classes C; the classifier has C + 1 outputs, background last.
+        class_agnostic: 4 deltas per RoI (SCNet and the cascades) instead of 4 per class.
+    Returns (forward):
+        cls_logits (R, C + 1), deltas (R, 4 or 4C), shared feature h (R, fc_dim) (used by feature relay).
+    """
+
+    def __init__(self, in_channels=256, pool_size=7, fc_dim=1024, num_classes=80, class_agnostic=True):
+        super().__init__()
+        self.fc1 = nn.Linear(in_channels * pool_size * pool_size, fc_dim)
+        self.fc2 = nn.Linear(fc_dim, fc_dim)
+        self.cls_score = nn.Linear(fc_dim, num_classes + 1)
+        self.bbox_pred = nn.Linear(fc_dim, 4 if class_agnostic else 4 * num_classes)
+        self.num_classes = num_classes
+        self.class_agnostic = class_agnostic
+        for fc in (self.fc1, self.fc2):  # §18
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x.flatten(1)))
+        h = F.relu(self.fc2(h))
+        return self.cls_score(h), self.bbox_pred(h), h
+
+
+def box_loss(cls_logits, deltas, labels, box_targets, beta=1.0):
+    """Cross-entropy over the sampled RoIs and Smooth L1 on the positives, both divided by the number
+    of sampled RoIs (§9.5, §24.11).
+
+    Args:
+        cls_logits: (R, C + 1); deltas: (R, 4) (class-agnostic, or already selected for the GT class).
+        labels: (R,) GT class of positives, C (background) for negatives.
+        box_targets: (P, 4) encoded targets of the positives (rows where labels < C, in order).
+    Returns:
+        loss_cls, loss_box, accuracy (a float in percent, for logging).
+    """
+    num_classes = cls_logits.shape[1] - 1
+    num_sampled = max(labels.numel(), 1)
+    loss_cls = F.cross_entropy(cls_logits, labels, reduction="sum") / num_sampled
+    positive = labels < num_classes
+    loss_box = smooth_l1_loss(deltas[positive], box_targets, beta).sum() / num_sampled
+    with torch.no_grad():
+        accuracy = (cls_logits.argmax(1) == labels).float().mean() * 100 if labels.numel() else cls_logits.new_zeros(())
+    return loss_cls, loss_box, accuracy

@@ -1,0 +1,276 @@
+"""SCNet RoI heads (SCNet §4, Fig. 2c; spec §9-§13).
+
+Three cascade box stages (IoU 0.5/0.6/0.7), then ONE deep mask branch fed only the last stage's boxes,
+at training (its positives) and at test (the final detections): sample consistency (§4.1). Every RoI
+feature is fused with the semantic feature (HTC) and its image's global context vector (§4.2), and the
+mask feature with the last box stage's relayed feature (§4.2).
+"""
+from typing import List, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...ops.boxes import BoxCoder, box_iou, multiclass_nms
+from ...ops.masks import mask_targets
+from ..poolers import MultiLevelRoIAlign, rois_from_boxes
+from .box_head import box_loss
+from .global_context import add_context, global_context_loss
+from .mask_head import mask_loss
+from .sampling import assign_by_iou, sample_positive_negative
+from .semantic_head import semantic_loss
+
+
+class Samples(NamedTuple):
+    """The RoIs sampled for one image at one stage: positives first (GT rows first among them)."""
+
+    boxes: torch.Tensor  # (S, 4)
+    labels: torch.Tensor  # (S,) GT class of positives, num_classes for negatives
+    matched_gt: torch.Tensor  # (P,) GT index of each positive
+    is_gt: torch.Tensor  # (P,) bool, positive rows that are GT boxes themselves
+
+    @property
+    def num_positive(self):
+        return self.matched_gt.numel()
+
+
+class SCNetRoIHeads(nn.Module):
+    """Box cascade + single mask branch, with optional semantic, global-context and relay modules.
+
+    Args:
+        box_heads: one BoxHead per stage.
+        mask_head: the single SCNetMaskHead.
+        semantic_head, global_context_head, feature_relay: None switches the component off.
+        stage_ious, stage_loss_weights, box_stds: per stage (§9.1).
+        mask_loss_weight: beta = sum(alpha_t), eq. 4.
+    """
+
+    def __init__(
+        self,
+        box_heads,
+        mask_head,
+        semantic_head=None,
+        global_context_head=None,
+        feature_relay=None,
+        num_classes=80,
+        stage_ious=(0.5, 0.6, 0.7),
+        stage_loss_weights=(1.0, 0.5, 0.25),
+        box_stds=((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067)),
+        batch_size_per_image=512,
+        positive_fraction=0.25,
+        box_pool_size=7,
+        mask_pool_size=14,
+        finest_scale=56,
+        semantic_stride=8,
+        box_smooth_l1_beta=1.0,
+        mask_resolution=28,
+        mask_loss_weight=1.75,
+        semantic_loss_weight=0.2,
+        semantic_ignore_index=255,
+        semantic_loss_normalization="valid",
+        global_context_loss_weight=3.0,
+        score_thresh=0.001,
+        nms_iou=0.5,
+        max_detections=100,
+    ):
+        super().__init__()
+        assert len(box_heads) == len(stage_ious) == len(stage_loss_weights) == len(box_stds)
+        assert all(h.class_agnostic for h in box_heads), "SCNet regresses class-agnostic boxes (§9.1)"
+        self.box_heads = nn.ModuleList(box_heads)
+        self.mask_head = mask_head
+        self.semantic_head = semantic_head
+        self.global_context = global_context_head
+        self.feature_relay = feature_relay
+        self.box_pooler = MultiLevelRoIAlign(box_pool_size, finest_scale=finest_scale)
+        self.mask_pooler = MultiLevelRoIAlign(mask_pool_size, finest_scale=finest_scale)
+        self.semantic_pooler = MultiLevelRoIAlign(mask_pool_size, strides=(semantic_stride,))
+        self.box_coders = [BoxCoder(stds) for stds in box_stds]
+        self.num_classes = num_classes
+        self.stage_ious = list(stage_ious)
+        self.stage_loss_weights = list(stage_loss_weights)
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.box_smooth_l1_beta = box_smooth_l1_beta
+        self.box_pool_size = box_pool_size
+        self.mask_resolution = mask_resolution
+        self.mask_loss_weight = mask_loss_weight
+        self.semantic_loss_weight = semantic_loss_weight
+        self.semantic_ignore_index = semantic_ignore_index
+        self.semantic_loss_normalization = semantic_loss_normalization
+        self.global_context_loss_weight = global_context_loss_weight
+        self.score_thresh = score_thresh
+        self.nms_iou = nms_iou
+        self.max_detections = max_detections
+
+    @property
+    def num_stages(self):
+        return len(self.box_heads)
+
+    # ----------------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------------
+    def forward_train(self, features, proposals, image_sizes, targets, semantic_target=None):
+        """
+        Args:
+            features: [P2..P6]; proposals: per-image (K_i, 4) RPN boxes; image_sizes: per-image (h, w).
+            targets: per-image dicts with ``boxes`` (G, 4), ``labels`` (G,), ``masks`` (G, h, w).
+            semantic_target: (N, H/8, W/8) int64 stuff labels, when the semantic branch is on.
+        Returns:
+            dict of weighted losses: s{t}.loss_cls, s{t}.loss_box, loss_mask, loss_semantic,
+            loss_global_context.
+        """
+        semantic, context, losses = self._semantic_and_context(features, targets, semantic_target)
+        for stage in range(self.num_stages):
+            samples = [self._match_and_sample(stage, p, t) for p, t in zip(proposals, targets)]
+            rois = rois_from_boxes([s.boxes for s in samples])
+            cls_logits, deltas, shared = self._run_box_stage(stage, features, rois, semantic, context)
+            losses.update(self._box_losses(stage, samples, cls_logits, deltas, targets))
+            if stage < self.num_stages - 1:
+                proposals = self._refine_boxes(stage, samples, deltas, image_sizes)
+
+        # Sample consistency (§4.1): the single mask branch trains on the last stage's positives, i.e.
+        # the boxes that *enter* the last stage with IoU >= 0.7 (GT rows included), §24.13.
+        positive = torch.cat([torch.arange(len(s.labels), device=rois.device) < s.num_positive for s in samples])
+        relay = self.feature_relay(shared[positive]) if self.feature_relay is not None else None
+        mask_logits = self._run_mask_branch(features, rois[positive], semantic, context, relay)
+        targets_28 = [
+            mask_targets(t["masks"], s.boxes[: s.num_positive], s.matched_gt, self.mask_resolution)
+            for s, t in zip(samples, targets)
+        ]
+        labels = torch.cat([s.labels[: s.num_positive] for s in samples])
+        losses["loss_mask"] = self.mask_loss_weight * mask_loss(mask_logits, torch.cat(targets_28), labels)
+        return losses
+
+    def _semantic_and_context(self, features, targets=None, semantic_target=None):
+        """Run the semantic and global-context branches; their losses too when ``targets`` are given.
+
+        Returns the semantic feature (N, C, H/8, W/8), the context vectors (N, C, 1, 1) (either None
+        when its branch is off) and a dict of losses.
+        """
+        semantic = context = None
+        losses = {}
+        if self.semantic_head is not None:
+            semantic_logits, semantic = self.semantic_head(features)
+            if targets is not None:
+                loss = semantic_loss(
+                    semantic_logits, semantic_target, self.semantic_ignore_index, self.semantic_loss_normalization
+                )
+                losses["loss_semantic"] = self.semantic_loss_weight * loss
+        if self.global_context is not None:
+            context_logits, context = self.global_context(features[-1])  # P6 (§24.17)
+            if targets is not None:
+                loss = global_context_loss(context_logits, [t["labels"] for t in targets])
+                losses["loss_global_context"] = self.global_context_loss_weight * loss
+        return semantic, context, losses
+
+    def _match_and_sample(self, stage, proposals, target):
+        """Assign at this stage's IoU, prepend the GTs (assigned to themselves), sample 512 (§9.4)."""
+        gt_boxes, gt_labels = target["boxes"], target["labels"]
+        iou = self.stage_ious[stage]
+        assigned = assign_by_iou(box_iou(gt_boxes, proposals), iou, iou, iou)
+        candidates = torch.cat([gt_boxes, proposals])
+        gt_self = torch.arange(1, gt_boxes.shape[0] + 1, device=assigned.device)
+        assigned = torch.cat([gt_self, assigned])
+        positive, negative = sample_positive_negative(assigned, self.batch_size_per_image, self.positive_fraction)
+        matched_gt = assigned[positive] - 1
+        labels = torch.cat([gt_labels[matched_gt], gt_labels.new_full((negative.numel(),), self.num_classes)])
+        return Samples(candidates[torch.cat([positive, negative])], labels, matched_gt, positive < gt_boxes.shape[0])
+
+    def _box_losses(self, stage, samples, cls_logits, deltas, targets):
+        labels = torch.cat([s.labels for s in samples])
+        coder = self.box_coders[stage]
+        box_targets = torch.cat(
+            [
+                coder.encode(s.boxes[: s.num_positive], t["boxes"][s.matched_gt])
+                for s, t in zip(samples, targets)
+            ]
+        )
+        loss_cls, loss_box, _ = box_loss(cls_logits, deltas, labels, box_targets, self.box_smooth_l1_beta)
+        weight = self.stage_loss_weights[stage]  # alpha_t, eq. 3
+        return {f"s{stage}.loss_cls": weight * loss_cls, f"s{stage}.loss_box": weight * loss_box}
+
+    @torch.no_grad()
+    def _refine_boxes(self, stage, samples, deltas, image_sizes):
+        """Regress the sampled RoIs with this stage's deltas, then drop the GT rows (§9.6, §24.9)."""
+        refined = []
+        for s, d, size in zip(samples, deltas.detach().split([len(s.labels) for s in samples]), image_sizes):
+            boxes = self.box_coders[stage].decode(s.boxes, d, size)
+            keep = torch.ones(len(s.labels), dtype=torch.bool, device=boxes.device)
+            keep[: s.num_positive] = ~s.is_gt
+            refined.append(boxes[keep])
+        return refined
+
+    # ----------------------------------------------------------------------------------------------
+    # Shared by training and inference
+    # ----------------------------------------------------------------------------------------------
+    def _run_box_stage(self, stage, features, rois, semantic, context):
+        """Pooled FPN feature + semantic feature (14x14 pooled to 7x7) + context -> box head (§8, §9)."""
+        x = self.box_pooler(features, rois)  # (R, 256, 7, 7)
+        if semantic is not None:
+            x = x + F.adaptive_avg_pool2d(self.semantic_pooler([semantic], rois), self.box_pool_size)
+        if context is not None:
+            x = add_context(x, context, rois)
+        return self.box_heads[stage](x)
+
+    def _run_mask_branch(self, features, rois, semantic, context, relay):
+        """Pooled FPN feature + semantic + context + relayed box feature -> mask head (§2)."""
+        x = self.mask_pooler(features, rois)  # (R, 256, 14, 14)
+        if semantic is not None:
+            x = x + self.semantic_pooler([semantic], rois)
+        if context is not None:
+            x = add_context(x, context, rois)
+        if relay is not None:
+            x = x + relay
+        return self.mask_head(x)  # (R, C, 28, 28)
+
+    # ----------------------------------------------------------------------------------------------
+    # Inference
+    # ----------------------------------------------------------------------------------------------
+    def predict(self, features, proposals, image_sizes) -> List[dict]:
+        """Cascade, class-wise NMS, then the mask branch on the final detections (§13).
+
+        Returns per image: ``boxes`` (D, 4) in network-input coordinates, ``scores`` (D,), ``labels``
+        (D,) and ``mask_probs`` (D, 28, 28), the sigmoid of each detection's class channel.
+        """
+        semantic, context, _ = self._semantic_and_context(features)
+        detections = self._predict_boxes(features, proposals, image_sizes, semantic, context)
+        boxes = [d["boxes"] for d in detections]
+        if sum(b.shape[0] for b in boxes) == 0:
+            for d in detections:
+                d["mask_probs"] = d["boxes"].new_zeros((0, self.mask_resolution, self.mask_resolution))
+            return detections
+        rois = rois_from_boxes(boxes)
+        relay = None
+        if self.feature_relay is not None:  # a second pass of the last box head, for h_3 (§24.8)
+            _, _, shared = self._run_box_stage(self.num_stages - 1, features, rois, semantic, context)
+            relay = self.feature_relay(shared)
+        mask_logits = self._run_mask_branch(features, rois, semantic, context, relay)
+        labels = torch.cat([d["labels"] for d in detections])
+        probs = mask_logits[torch.arange(labels.numel(), device=labels.device), labels].sigmoid()
+        for d, p in zip(detections, probs.split([b.shape[0] for b in boxes])):
+            d["mask_probs"] = p
+        return detections
+
+    def _predict_boxes(self, features, proposals, image_sizes, semantic, context):
+        """Run the stages on all proposals; score = softmax of the mean of the stages' logits (§9.7)."""
+        counts = [p.shape[0] for p in proposals]
+        rois = rois_from_boxes(proposals)
+        stage_logits = []
+        for stage in range(self.num_stages):
+            cls_logits, deltas, _ = self._run_box_stage(stage, features, rois, semantic, context)
+            stage_logits.append(cls_logits)
+            if stage < self.num_stages - 1:
+                rois = torch.cat([rois[:, :1], self._decode(stage, rois, deltas, counts, image_sizes)], dim=1)
+        scores = F.softmax(sum(stage_logits) / float(self.num_stages), dim=1)  # mean of logits (§24.6)
+        boxes = self._decode(self.num_stages - 1, rois, deltas, counts, image_sizes)
+        detections = []
+        for b, s in zip(boxes.split(counts), scores.split(counts)):
+            b, s, lbl = multiclass_nms(b, s, self.score_thresh, self.nms_iou, self.max_detections)
+            detections.append({"boxes": b, "scores": s, "labels": lbl})
+        return detections
+
+    def _decode(self, stage, rois, deltas, counts, image_sizes):
+        """Decode (R, 4) class-agnostic boxes for each image, clipped to its (h, w)."""
+        coder = self.box_coders[stage]
+        parts = zip(rois[:, 1:].split(counts), deltas.split(counts), image_sizes)
+        return torch.cat([coder.decode(r, d, size) for r, d, size in parts])

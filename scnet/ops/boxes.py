@@ -1,0 +1,114 @@
+"""Box operations in xyxy pixel coordinates, with the conventions of the official code (§9.2, §24.2).
+
+No "+1" anywhere: width = x2 - x1. Every formula keeps the official operation order so that results
+agree to the last bit with MMDetection's, which the parity test checks.
+"""
+import math
+
+import torch
+from torchvision.ops import nms
+
+# dw, dh are clamped to +-|log(16/1000)| before exp (§9.2, §24.4)
+DEFAULT_SCALE_CLAMP = abs(math.log(16 / 1000))
+
+
+def box_area(boxes):
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_iou(boxes1, boxes2, eps=1e-6):
+    """IoU matrix (N, M) of two sets of xyxy boxes; the union is clamped at ``eps`` (§9.4)."""
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
+    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    overlap = wh[..., 0] * wh[..., 1]
+    union = (area1[:, None] + area2[None, :] - overlap).clamp(min=eps)
+    return overlap / union
+
+
+def clip_boxes_(boxes, image_size):
+    """Clip xyxy boxes in place to an image of ``image_size`` = (h, w) (the resized, unpadded size)."""
+    h, w = image_size
+    boxes[..., 0::2].clamp_(min=0, max=w)
+    boxes[..., 1::2].clamp_(min=0, max=h)
+    return boxes
+
+
+class BoxCoder:
+    """DeltaXYWH coder with target means 0 and per-coordinate ``stds`` (§9.2)."""
+
+    def __init__(self, stds=(1.0, 1.0, 1.0, 1.0), scale_clamp=DEFAULT_SCALE_CLAMP):
+        self.stds = tuple(float(s) for s in stds)
+        self.scale_clamp = scale_clamp
+
+    def encode(self, proposals, targets):
+        """Deltas (N, 4) that map ``proposals`` onto ``targets`` (both (N, 4) xyxy)."""
+        proposals = proposals.float()
+        targets = targets.float()
+        px = (proposals[:, 0] + proposals[:, 2]) * 0.5
+        py = (proposals[:, 1] + proposals[:, 3]) * 0.5
+        pw = proposals[:, 2] - proposals[:, 0]
+        ph = proposals[:, 3] - proposals[:, 1]
+        gx = (targets[:, 0] + targets[:, 2]) * 0.5
+        gy = (targets[:, 1] + targets[:, 3]) * 0.5
+        gw = targets[:, 2] - targets[:, 0]
+        gh = targets[:, 3] - targets[:, 1]
+        deltas = torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=1)
+        return deltas / deltas.new_tensor(self.stds)
+
+    def decode(self, boxes, deltas, image_size=None):
+        """Apply (N, 4) ``deltas`` to (N, 4) ``boxes``; clip to ``image_size`` = (h, w) when given."""
+        if boxes.shape[0] == 0:
+            return deltas.new_zeros((0, 4))
+        deltas = deltas * deltas.new_tensor(self.stds)
+        pxy = (boxes[:, :2] + boxes[:, 2:]) * 0.5
+        pwh = boxes[:, 2:] - boxes[:, :2]
+        dwh = deltas[:, 2:].clamp(min=-self.scale_clamp, max=self.scale_clamp)
+        gxy = pxy + pwh * deltas[:, :2]
+        gwh = pwh * dwh.exp()
+        out = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=1)
+        if image_size is not None:
+            clip_boxes_(out, image_size)
+        return out
+
+
+def batched_nms(boxes, scores, idxs, iou_threshold, split_threshold=10000):
+    """NMS done independently per value of ``idxs``; returns kept indices sorted by decreasing score.
+
+    Below ``split_threshold`` boxes the groups are separated by offsetting the boxes by
+    ``idx * (max coordinate + 1)`` and running one NMS; above it, one NMS per group. This is the
+    official (mmcv) procedure, reproduced so that kept boxes and their order match it exactly.
+    """
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if boxes.shape[0] < split_threshold:
+        offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
+        return nms(boxes + offsets[:, None], scores, iou_threshold)
+    keep_mask = torch.zeros_like(scores, dtype=torch.bool)
+    for group in torch.unique(idxs):
+        members = (idxs == group).nonzero().view(-1)
+        keep_mask[members[nms(boxes[members], scores[members], iou_threshold)]] = True
+    keep = keep_mask.nonzero().view(-1)
+    return keep[scores[keep].sort(descending=True)[1]]
+
+
+def multiclass_nms(boxes, scores, score_thresh, iou_threshold, max_detections):
+    """Class-wise NMS over class-agnostic boxes (§13 step 5, §24.27).
+
+    Args:
+        boxes: (R, 4) boxes shared by all classes, or (R, C, 4) class-specific boxes.
+        scores: (R, C + 1) softmax scores, background last.
+    Returns:
+        boxes (D, 4), scores (D,), labels (D,) with D <= max_detections, sorted by decreasing score.
+        The same box can appear under several classes.
+    """
+    num_classes = scores.shape[1] - 1
+    scores = scores[:, :num_classes]
+    candidates = (scores > score_thresh).nonzero()  # row-major: (box, class) pairs in box order
+    box_idx, labels = candidates[:, 0], candidates[:, 1]
+    cand_boxes = boxes[box_idx] if boxes.dim() == 2 else boxes[box_idx, labels]
+    cand_scores = scores[box_idx, labels]
+    keep = batched_nms(cand_boxes, cand_scores, labels, iou_threshold)[:max_detections]
+    return cand_boxes[keep], cand_scores[keep], labels[keep]

@@ -1,0 +1,121 @@
+"""Loading weights: this codebase's checkpoints, and official MMDetection checkpoints (spec §23).
+
+The official files are dicts ``{"meta": ..., "state_dict": ...}`` with MMDetection's module names.
+``convert_mmdet_state_dict`` renames every key with the table ``MMDET_RULES``; a key that no rule
+matches, a key our model lacks, a key our model has that nothing produced, or a shape difference is an
+error that names the key. Nothing is skipped silently.
+"""
+import re
+
+import torch
+
+# (official name pattern, our name). Applied in order; the first full match wins.
+MMDET_RULES = [
+    (r"backbone\.(.+)", r"backbone.\1"),  # torchvision names on both sides (§23.2)
+    (r"neck\.lateral_convs\.(\d+)\.conv\.(weight|bias)", r"neck.lateral_convs.\1.\2"),
+    (r"neck\.fpn_convs\.(\d+)\.conv\.(weight|bias)", r"neck.output_convs.\1.\2"),
+    (r"rpn_head\.rpn_conv\.(weight|bias)", r"rpn.head.conv.\1"),
+    (r"rpn_head\.rpn_cls\.(weight|bias)", r"rpn.head.cls_logits.\1"),
+    (r"rpn_head\.rpn_reg\.(weight|bias)", r"rpn.head.bbox_pred.\1"),
+    (r"roi_head\.bbox_head\.(\d+)\.shared_fcs\.0\.(weight|bias)", r"roi_heads.box_heads.\1.fc1.\2"),
+    (r"roi_head\.bbox_head\.(\d+)\.shared_fcs\.1\.(weight|bias)", r"roi_heads.box_heads.\1.fc2.\2"),
+    (r"roi_head\.bbox_head\.(\d+)\.fc_cls\.(weight|bias)", r"roi_heads.box_heads.\1.cls_score.\2"),
+    (r"roi_head\.bbox_head\.(\d+)\.fc_reg\.(weight|bias)", r"roi_heads.box_heads.\1.bbox_pred.\2"),
+    (r"roi_head\.mask_head\.convs\.(\d+)\.(conv[12])\.(weight|bias)", r"roi_heads.mask_head.blocks.\1.\2.\3"),
+    (r"roi_head\.mask_head\.upsample\.(weight|bias)", r"roi_heads.mask_head.deconv.\1"),
+    (r"roi_head\.mask_head\.conv_logits\.(weight|bias)", r"roi_heads.mask_head.predictor.\1"),
+    (r"roi_head\.semantic_head\.lateral_convs\.(\d+)\.conv\.(weight|bias)", r"roi_heads.semantic_head.lateral_convs.\1.\2"),
+    (r"roi_head\.semantic_head\.convs\.(\d+)\.(conv[12])\.(weight|bias)", r"roi_heads.semantic_head.blocks.\1.\2.\3"),
+    (r"roi_head\.semantic_head\.conv_embedding\.conv\.(weight|bias)", r"roi_heads.semantic_head.embedding.\1"),
+    (r"roi_head\.semantic_head\.conv_logits\.(weight|bias)", r"roi_heads.semantic_head.logits.\1"),
+    (r"roi_head\.glbctx_head\.convs\.(\d+)\.(conv[12])\.(weight|bias)", r"roi_heads.global_context.blocks.\1.\2.\3"),
+    (r"roi_head\.glbctx_head\.fc\.(weight|bias)", r"roi_heads.global_context.classifier.\1"),
+    (r"roi_head\.feat_relay_head\.fc\.(weight|bias)", r"roi_heads.feature_relay.fc.\1"),
+]
+_COMPILED = [(re.compile(p), r) for p, r in MMDET_RULES]
+
+
+def mmdet_to_ours(name):
+    """Our parameter name for an official one, or None when no rule covers it."""
+    for pattern, replacement in _COMPILED:
+        if pattern.fullmatch(name):
+            return pattern.sub(replacement, name)
+    return None
+
+
+def is_mmdet_state_dict(state_dict):
+    return any(k.startswith("roi_head.") or k.startswith("rpn_head.") for k in state_dict)
+
+
+def convert_mmdet_state_dict(official, reference):
+    """Rename an official state dict to ours, checking it against ``reference`` (our model's state dict).
+
+    Raises KeyError / ValueError naming every key that cannot be accounted for.
+    """
+    converted, unmapped, unexpected, wrong_shape = {}, [], [], []
+    for name, tensor in official.items():
+        ours = mmdet_to_ours(name)
+        if ours is None:
+            unmapped.append(name)
+        elif ours not in reference:
+            unexpected.append(f"{name} -> {ours}")
+        elif tuple(tensor.shape) != tuple(reference[ours].shape):
+            wrong_shape.append(f"{name} {tuple(tensor.shape)} vs {ours} {tuple(reference[ours].shape)}")
+        else:
+            converted[ours] = tensor
+    missing = [k for k in reference if k not in converted]
+    problems = []
+    if unmapped:
+        problems.append(f"no rule for official keys {unmapped}")
+    if unexpected:
+        problems.append(f"official keys with no counterpart in this model {unexpected}")
+    if wrong_shape:
+        problems.append(f"shape mismatches {wrong_shape}")
+    if missing:
+        problems.append(f"model keys not provided by the checkpoint {missing}")
+    if problems:
+        raise KeyError("; ".join(problems))
+    return converted
+
+
+def read_checkpoint(path_or_url):
+    """The raw object of a checkpoint file (a URL goes through torch.hub's cache)."""
+    if "://" in str(path_or_url):
+        return torch.hub.load_state_dict_from_url(str(path_or_url), map_location="cpu", progress=False)
+    return torch.load(path_or_url, map_location="cpu", weights_only=False)
+
+
+def extract_state_dict(obj):
+    """Our checkpoints keep the weights under ``model``, MMDetection's under ``state_dict``."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return obj["model"]
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return obj["state_dict"]
+    return obj
+
+
+def load_weights(model, path_or_url):
+    """Load our checkpoint or an official MMDetection one into ``model`` (strict)."""
+    state = extract_state_dict(read_checkpoint(path_or_url))
+    if is_mmdet_state_dict(state):
+        try:
+            state = convert_mmdet_state_dict(state, model.state_dict())
+        except KeyError as e:
+            raise KeyError(f"{path_or_url}: {e.args[0]}") from None
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def mmdet_backbone_overrides(state_dict):
+    """Config overrides that describe the backbone of an official state dict (depth, ResNeXt groups)."""
+    blocks = {int(m.group(1)) for k in state_dict for m in [re.match(r"backbone\.layer3\.(\d+)\.", k)] if m}
+    depth = {6: 50, 23: 101}.get(len(blocks))
+    if depth is None:
+        raise ValueError(f"cannot infer the ResNet depth from {len(blocks)} blocks in layer3")
+    overrides = [f"model.backbone.depth={depth}"]
+    conv1 = state_dict["backbone.layer1.0.conv1.weight"]
+    conv2 = state_dict["backbone.layer1.0.conv2.weight"]
+    groups = conv1.shape[0] // conv2.shape[1]
+    if groups > 1:  # ResNeXt: width = groups * width_per_group at layer1
+        overrides += [f"model.backbone.groups={groups}", f"model.backbone.width_per_group={conv1.shape[0] // groups}"]
+    return overrides

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up a virtual environment and run the test suite (the command README.md and .ci/run use).
+#
+# The numerical parity test against the official implementation needs reference dumps. When
+# SCNET_REF_DIR does not already hold them and the reference tool is found next to the repository
+# (../shared/tools/mmdet_reference, or SCNET_REF_TOOL), this script builds them first (about 4 minutes,
+# PyPI only, outside the repository). Otherwise the parity test reports itself as skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+VENV=${SCNET_VENV:-$REPO/.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --upgrade pip
+"$VENV/bin/pip" install -q -r requirements.txt pytest
+"$VENV/bin/pip" install -q --no-deps -e .
+
+export SCNET_REF_DIR=${SCNET_REF_DIR:-$HOME/.cache/scnet-mmdet-ref/data}
+export SCNET_REF_ENV=${SCNET_REF_ENV:-$HOME/.cache/scnet-mmdet-ref/venv}
+TOOL=${SCNET_REF_TOOL:-$REPO/../shared/tools/mmdet_reference}
+build_reference() {
+  [ -x "$SCNET_REF_ENV/bin/python" ] || bash "$TOOL/setup_refenv.sh" "$SCNET_REF_ENV"
+  for config in scnet_r50_fpn_20e_coco scnet_x101-64x4d_fpn_20e_coco; do
+    [ -f "$SCNET_REF_DIR/${config}_seed0_bncalib_synth0.npz" ] ||
+      (cd "$TOOL" && "$SCNET_REF_ENV/bin/python" run_ref.py --config "$config" --seed 0 --out-dir "$SCNET_REF_DIR" > /dev/null)
+  done
+}
+if [ "${SCNET_SKIP_REFERENCE:-0}" != 1 ] && [ -f "$TOOL/run_ref.py" ]; then
+  echo "building the MMDetection reference dumps in $SCNET_REF_DIR (parity test)"
+  build_reference || echo "WARNING: could not build the reference dumps; the parity test will be skipped"
+fi
+
+exec "$VENV/bin/python" -m pytest tests -q -rs "$@"

@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="scnet",
+    version="0.1.0",
+    description="SCNet (AAAI 2021) instance segmentation in plain PyTorch",
+    packages=find_packages(include=["scnet", "scnet.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "pycocotools",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={"test": ["pytest"]},
+)
