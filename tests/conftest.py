@@ -1,0 +1,78 @@
+"""Shared test helpers: a tiny SCNet configuration and synthetic images with targets."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import scnet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+
+# Narrow widths and small proposal counts: the real code paths, in a fraction of a second per step.
+TINY = [
+    "model.backbone.base_channels=8",
+    "model.fpn.out_channels=16",
+    "model.rpn.head_channels=16",
+    "model.roi_heads.fc_dim=32",
+    "model.mask_head.num_res_blocks=2",
+    "model.num_classes=3",
+    "model.semantic.num_classes=6",
+    "model.roi_heads.batch_size_per_image=64",
+    "model.rpn.pre_nms_top_n_train=300",
+    "model.rpn.post_nms_top_n_train=300",
+    "model.rpn.pre_nms_top_n_test=200",
+    "model.rpn.post_nms_top_n_test=200",
+    "model.input.test_scale=[256,192]",
+]
+
+
+def tiny_model(*overrides, seed=0):
+    torch.manual_seed(seed)
+    return scnet.build_model(None, overrides=TINY + list(overrides))
+
+
+def synthetic_sample(height, width, num_objects, seed, num_classes=3, stuff_classes=6):
+    """A uint8 (3, H, W) image with filled rectangles and ellipses and its target dict.
+
+    The stuff map labels the background with two "stuff" ids by image half and each object with
+    its class id (offset by 3), 255 on a thin unlabeled strip, as COCO-stuff maps do.
+    """
+    rng = np.random.RandomState(seed)
+    image = (rng.rand(3, height, width) * 60 + 40).astype(np.float32)
+    semantic = np.zeros((height, width), np.uint8)
+    semantic[:, width // 2 :] = 1
+    semantic[:2] = 255
+    boxes, labels, masks = [], [], []
+    yy, xx = np.mgrid[:height, :width]
+    for _ in range(num_objects):
+        w, h = rng.randint(width // 5, width // 2), rng.randint(height // 5, height // 2)
+        x0, y0 = rng.randint(0, width - w), rng.randint(0, height - h)
+        label = rng.randint(num_classes)
+        if label % 2 == 0:
+            mask = (xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h)
+        else:
+            mask = ((xx + 0.5 - x0 - w / 2) / (w / 2)) ** 2 + ((yy + 0.5 - y0 - h / 2) / (h / 2)) ** 2 <= 1
+        color = np.array([200, 60, 60]) if label == 0 else np.array([60, 200, 60]) if label == 1 else np.array([60, 60, 220])
+        image[:, mask] = color[:, None]
+        semantic[mask] = 3 + label % (stuff_classes - 3)
+        ys, xs = np.nonzero(mask)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        labels.append(label)
+        masks.append(mask)
+    target = {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "masks": torch.from_numpy(np.array(masks, dtype=np.uint8).reshape(-1, height, width)),
+        "semantic_seg": torch.from_numpy(semantic),
+    }
+    return torch.from_numpy(image.round().clip(0, 255).astype(np.uint8)), target
+
+
+@pytest.fixture
+def two_samples():
+    """Two images of different odd sizes; the second has no annotations."""
+    image1, target1 = synthetic_sample(157, 203, 3, seed=1)
+    image2, target2 = synthetic_sample(129, 171, 0, seed=2)
+    return [image1, image2], [target1, target2]

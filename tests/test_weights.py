@@ -1,0 +1,149 @@
+"""Official checkpoints: parameter counts, conversion of every manifest key, backbone ImageNet weights."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import scnet
+from scnet.modeling.backbone.resnet import ResNet, load_pretrained
+from scnet.weights import convert_mmdet_state_dict, mmdet_backbone_overrides, mmdet_to_ours
+
+from conftest import CONFIGS, ROOT
+
+MANIFESTS = os.path.join(ROOT, "tests", "data", "mmdet_state_dicts")
+SCNET_MODELS = {
+    "scnet_r50_fpn_20e_coco": "r50_20e.yaml",
+    "scnet_x101-64x4d_fpn_20e_coco": "x101_64x4d_20e.yaml",
+}
+
+
+def _manifest(name):
+    with open(os.path.join(MANIFESTS, name + ".json")) as f:
+        return json.load(f)
+
+
+def _synthesize(manifest, seed=0):
+    """A state dict with the official names and shapes and random values."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, info in manifest["state_dict"].items():
+        if info["dtype"] == "int64":
+            out[key] = torch.randint(0, 100, info["shape"], generator=g)
+        else:
+            out[key] = torch.randn(info["shape"], generator=g)
+    return out
+
+
+@pytest.fixture(scope="module", params=list(SCNET_MODELS))
+def official_and_model(request):
+    manifest = _manifest(request.param)
+    model = scnet.build_model(os.path.join(CONFIGS, SCNET_MODELS[request.param]))
+    return manifest, model
+
+
+def test_parameter_counts_equal_the_official_models(official_and_model):
+    manifest, model = official_and_model
+    assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == manifest["num_trainable_params"]
+    assert len(model.state_dict()) == manifest["num_state_dict_keys"]
+
+
+def test_synthesized_official_state_dict_converts_and_loads_strictly(official_and_model):
+    manifest, model = official_and_model
+    official = _synthesize(manifest)
+    converted = convert_mmdet_state_dict(official, model.state_dict())
+    model.load_state_dict(converted, strict=True)
+    # every official tensor arrives unchanged under exactly one of our names
+    ours = model.state_dict()
+    targets = [mmdet_to_ours(k) for k in official]
+    assert len(set(targets)) == len(official) == len(ours)
+    for key, tensor in official.items():
+        assert torch.equal(ours[mmdet_to_ours(key)], tensor), key
+    assert torch.equal(model.roi_heads.feature_relay.fc.weight, official["roi_head.feat_relay_head.fc.weight"])
+
+
+def test_backbone_shape_inference(official_and_model):
+    manifest, model = official_and_model
+    official = _synthesize(manifest)
+    cfg = scnet.get_cfg(None, mmdet_backbone_overrides(official))
+    b = model.cfg.model.backbone
+    assert (cfg.model.backbone.depth, cfg.model.backbone.groups) == (b.depth, b.groups)
+    if b.groups > 1:
+        assert cfg.model.backbone.width_per_group == b.width_per_group
+
+
+def test_conversion_errors_name_the_keys():
+    manifest = _manifest("scnet_r50_fpn_20e_coco")
+    model = scnet.build_model(os.path.join(CONFIGS, "r50_20e.yaml"))
+    reference = model.state_dict()
+    official = _synthesize(manifest)
+
+    missing = dict(official)
+    del missing["roi_head.glbctx_head.fc.bias"]
+    with pytest.raises(KeyError, match=r"roi_heads\.global_context\.classifier\.bias"):
+        convert_mmdet_state_dict(missing, reference)
+
+    extra = dict(official, **{"roi_head.mystery_head.weight": torch.zeros(1)})
+    with pytest.raises(KeyError, match=r"roi_head\.mystery_head\.weight"):
+        convert_mmdet_state_dict(extra, reference)
+
+    wrong = dict(official, **{"roi_head.mask_head.conv_logits.weight": torch.zeros(81, 256, 1, 1)})
+    with pytest.raises(KeyError, match=r"roi_head\.mask_head\.conv_logits\.weight \(81, 256, 1, 1\)"):
+        convert_mmdet_state_dict(wrong, reference)
+
+    # a model without the semantic branch cannot take a checkpoint that has one, and says so
+    no_semantic = scnet.build_model(None, overrides=["model.semantic.enabled=false"]).state_dict()
+    with pytest.raises(KeyError, match=r"roi_head\.semantic_head\.conv_logits\.weight"):
+        convert_mmdet_state_dict(official, no_semantic)
+
+
+def test_convert_script_and_build_model_read_the_official_file(tmp_path):
+    manifest = _manifest("scnet_r50_fpn_20e_coco")
+    official = _synthesize(manifest, seed=3)
+    src = tmp_path / "official.pth"
+    torch.save({"meta": {"mmdet_version": "2.8.0", "CLASSES": ["person"]}, "state_dict": official}, src)
+    dst = tmp_path / "ours.pth"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_mmdet.py"), str(src), str(dst)], check=True)
+    converted = scnet.build_model(os.path.join(CONFIGS, "r50_20e.yaml"), weights=str(dst))
+    direct = scnet.build_model(os.path.join(CONFIGS, "r50_20e.yaml"), weights=str(src))
+    for (k, a), (_, b) in zip(converted.state_dict().items(), direct.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert torch.equal(converted.rpn.head.cls_logits.weight, official["rpn_head.rpn_cls.weight"])
+
+
+def test_torchvision_imagenet_checkpoint_loads_into_the_backbone(tmp_path):
+    """torchvision ResNet-50 names (incl. fc.*, dropped) load without renaming."""
+    reference = torchvision.models.resnet50(weights=None)
+    path = tmp_path / "resnet50.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = ResNet(50)
+    load_pretrained(backbone, str(path))
+    assert torch.equal(backbone.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
+    assert torch.equal(backbone.layer2[0].bn2.running_var, reference.layer2[0].bn2.running_var)
+    # same features as torchvision's network in eval mode
+    reference.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = backbone(x)[-1]
+        theirs = torch.nn.Sequential(*list(reference.children())[:-2])(x)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_torchvision_resnext_checkpoint_loads_into_the_x101_backbone(tmp_path):
+    reference = torchvision.models.resnext101_64x4d(weights=None)
+    path = tmp_path / "x101.pth"
+    torch.save({"state_dict": reference.state_dict()}, path)
+    backbone = ResNet(101, groups=64, width_per_group=4)
+    load_pretrained(backbone, str(path))
+    assert torch.equal(backbone.layer3[22].conv2.weight, reference.layer3[22].conv2.weight)
+
+
+def test_wrong_backbone_checkpoint_is_an_error(tmp_path):
+    path = tmp_path / "resnet101.pth"
+    torch.save(ResNet(101).state_dict(), path)
+    with pytest.raises(KeyError, match="layer3.6"):
+        load_pretrained(ResNet(50), str(path))
