@@ -193,3 +193,23 @@ def test_masks_of_100_detections_on_a_large_image_fit_in_a_few_hundred_mb():
     masks = paste_masks(probs, boxes, (800, 1333))
     assert masks.shape == (100, 800, 1333) and masks.element_size() == 1  # 107 MB
     assert np.isclose(masks.float().mean().item(), 0.5, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda t: t.update(boxes=t["boxes"] * torch.tensor([1.0, 1, 0, 1])), "zero or negative width"),
+        (lambda t: t.update(labels=t["labels"] + 10), "labels outside 0..2"),
+        (lambda t: t.update(boxes=t["boxes"] * float("nan")), "non-finite"),
+        (lambda t: t.update(masks=t["masks"][:, :-1]), "masks of shape"),
+        (lambda t: t.update(semantic_seg=t["semantic_seg"][:-1]), "semantic_seg of shape"),
+        (lambda t: t.update(labels=t["labels"][:1]), "labels of shape"),
+    ],
+)
+def test_bad_targets_stop_with_a_message_naming_the_image(corrupt, message):
+    model = tiny_model()
+    image, target = synthetic_sample(150, 190, 2, seed=3)
+    target["image_id"] = 42
+    corrupt(target)
+    with pytest.raises(ValueError, match=f"image 0 \\(image_id 42\\): .*{message}"):
+        _train_step(model, [image], [target])

@@ -108,9 +108,10 @@ class TwoStageDetector(nn.Module):
             raise ValueError(f"got {len(images)} images but {len(targets)} targets")
         batch = self.normalize_and_pad(images)
         targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        for t in targets:
+        for i, (t, size) in enumerate(zip(targets, batch.image_sizes)):
             t["boxes"] = t["boxes"].float().reshape(-1, 4)
             t["labels"] = t["labels"].long()
+            self._check_target(i, t, size)
         features = self.extract_features(batch.tensor)
         proposals, _, losses = self.rpn(features, batch.image_sizes, [t["boxes"] for t in targets])
         semantic_target = None
@@ -118,6 +119,25 @@ class TwoStageDetector(nn.Module):
             semantic_target = self._semantic_target(targets, batch.tensor.shape[-2:])
         losses.update(self.roi_heads.forward_train(features, proposals, batch.image_sizes, targets, semantic_target))
         return losses
+
+    def _check_target(self, i, target, image_size):
+        """Stop with a message naming the image and the problem, never deep inside a head."""
+        boxes, labels = target["boxes"], target["labels"]
+        problem = None
+        if labels.shape != (boxes.shape[0],):
+            problem = f"{boxes.shape[0]} boxes but labels of shape {tuple(labels.shape)}"
+        elif labels.numel() and (labels.min() < 0 or labels.max() >= self.roi_heads.num_classes):
+            problem = f"labels outside 0..{self.roi_heads.num_classes - 1}: {labels.unique().tolist()}"
+        elif not torch.isfinite(boxes).all():
+            problem = "non-finite box coordinates"
+        elif ((boxes[:, 2:] - boxes[:, :2]) <= 0).any():
+            problem = f"boxes with zero or negative width/height: {boxes[(boxes[:, 2:] <= boxes[:, :2]).any(1)].tolist()}"
+        elif "masks" in target and tuple(target["masks"].shape) != (boxes.shape[0], *image_size):
+            problem = f"masks of shape {tuple(target['masks'].shape)}, expected {(boxes.shape[0], *image_size)}"
+        elif "semantic_seg" in target and tuple(target["semantic_seg"].shape) != tuple(image_size):
+            problem = f"semantic_seg of shape {tuple(target['semantic_seg'].shape)}, expected {tuple(image_size)}"
+        if problem:
+            raise ValueError(f"target of image {i} (image_id {target.get('image_id', '?')}): {problem}")
 
     def _semantic_target(self, targets, padded_size):
         """Pad the full-resolution stuff maps, then take the pixels (8i, 8j) (§16.1 step 7, §24.14)."""

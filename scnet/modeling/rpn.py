@@ -31,6 +31,8 @@ class AnchorGenerator(nn.Module):
     def grid_anchors(self, level, height, width, device):
         key = (level, height, width, str(device))
         if key not in self._cache:
+            if len(self._cache) > 256:  # bounded: training sees a limited set of padded sizes anyway
+                self._cache.clear()
             stride = self.strides[level]
             xs = torch.arange(0, width, device=device).float() * stride
             ys = torch.arange(0, height, device=device).float() * stride
