@@ -141,6 +141,7 @@ class ModelConfig:
 @dataclass
 class SolverConfig:
     epochs: int = 20  # §17, 20e schedule
+    max_iters: int = 0  # stop after this many iterations in total (0: run all epochs); for short runs
     lr_steps: List[int] = field(default_factory=lambda: [16, 19])  # epochs after which lr *= 0.1
     base_lr: float = 0.02  # for a total batch of base_batch_size, scaled linearly
     base_batch_size: int = 16
@@ -149,16 +150,34 @@ class SolverConfig:
     weight_decay: float = 1e-4
     warmup_iters: int = 500
     warmup_ratio: float = 0.001
+    clip_grad_norm: float = 0.0  # 0: no clipping (the official setting, §17)
+    amp: str = ""  # "", "bf16" or "fp16" (fp16 with a gradient scaler); the official runs use fp32
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/coco"  # see datasets/README.md for the expected layout
+    root: str = "data/coco"  # the paths below are relative to it; see datasets/README.md
     train_annotations: str = "annotations/instances_train2017.json"
     train_images: str = "train2017"
     train_stuff_maps: str = "stuffthingmaps/train2017"
     val_annotations: str = "annotations/instances_val2017.json"
     val_images: str = "val2017"
+    # Where the semantic branch's targets come from: "stuff_maps" (COCO-stuff PNGs, the official
+    # setting), "instances" (instance labels on a background class: any COCO-format dataset; needs
+    # model.semantic.num_classes >= model.num_classes + 1), or "none" (semantic branch off).
+    semantic_source: str = "stuff_maps"
+    min_size: int = 32  # images whose shorter side is smaller are dropped (§16.1)
+    flip_prob: float = 0.5
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    log_period: int = 20  # iterations between console / TensorBoard lines
+    checkpoint_period: int = 0  # iterations between checkpoints; 0: at the end of every epoch only
+    keep_checkpoints: int = 3  # newest N kept (the newest finite one is never deleted)
+    max_nonfinite_steps: int = 10  # skipped non-finite steps tolerated before the run stops
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower; for exact resume on GPU)
 
 
 @dataclass
@@ -166,6 +185,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
 
 
