@@ -167,6 +167,7 @@ class DataConfig:
     # model.semantic.num_classes >= model.num_classes + 1), or "none" (semantic branch off).
     semantic_source: str = "stuff_maps"
     min_size: int = 32  # images whose shorter side is smaller are dropped (§16.1)
+    keep_empty_images: bool = False  # keep images without usable annotations (the official code drops them)
     flip_prob: float = 0.5
     num_workers: int = 2
 

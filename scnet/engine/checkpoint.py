@@ -1,0 +1,86 @@
+"""Training checkpoints: written atomically, the newest N kept, the newest valid one found on resume.
+
+A checkpoint is a plain dict: model, optimizer, scaler, epoch, iteration, sampler position, RNG states
+of every process, the resolved config and the code version.
+"""
+import glob
+import os
+import re
+import subprocess
+
+import torch
+
+import scnet
+
+NAME = "checkpoint_{:08d}.pth"
+PATTERN = re.compile(r"checkpoint_(\d{8})\.pth$")
+REQUIRED_KEYS = ("model", "optimizer", "epoch", "iteration", "batch_in_epoch", "config")
+
+
+def code_version():
+    """Package version plus the git commit of the source tree, when it is a git checkout."""
+    here = os.path.dirname(os.path.abspath(scnet.__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{scnet.__version__}+{commit}" if commit else scnet.__version__
+
+
+def all_finite(state_dict):
+    return all(torch.isfinite(v).all() for v in state_dict.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def save_checkpoint(state, output_dir, keep=3):
+    """Write ``state`` as checkpoint_<iteration>.pth through a temporary file and a rename, then delete
+    all but the newest ``keep``. Refuses non-finite weights, so the newest file is always a good one."""
+    if not all_finite(state["model"]):
+        raise FloatingPointError("refusing to save a checkpoint with NaN/Inf weights")
+    path = os.path.join(output_dir, NAME.format(state["iteration"]))
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in list_checkpoints(output_dir)[max(keep, 1) :]:
+        os.remove(old)
+    return path
+
+
+def list_checkpoints(output_dir):
+    """Checkpoint files of ``output_dir``, newest (highest iteration) first."""
+    found = [p for p in glob.glob(os.path.join(output_dir, "checkpoint_*.pth")) if PATTERN.search(p)]
+    return sorted(found, key=lambda p: int(PATTERN.search(p).group(1)), reverse=True)
+
+
+def load_checkpoint(path):
+    """Read and validate a checkpoint; raises ValueError saying what is wrong with it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or corrupt file fails inside the zip reader or the unpickler
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint (missing {missing})")
+    if not all_finite(state["model"]):
+        raise ValueError(f"{path} holds NaN/Inf weights")
+    return state
+
+
+def resolve_resume(resume, output_dir, log=print):
+    """``resume`` is "", a path, or "auto" (the newest valid checkpoint of ``output_dir``, falling back
+    to older ones with a message). Returns (state, path) or (None, None)."""
+    if not resume:
+        return None, None
+    if resume != "auto":
+        return load_checkpoint(resume), resume
+    for path in list_checkpoints(output_dir):
+        try:
+            return load_checkpoint(path), path
+        except ValueError as e:
+            log(f"WARNING: {e}; trying the previous checkpoint")
+    log(f"no valid checkpoint in {output_dir}: starting from scratch")
+    return None, None

@@ -1,0 +1,155 @@
+"""One training epoch, the learning-rate schedule, and what a checkpoint holds (spec §17)."""
+import hashlib
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import List
+
+import numpy as np
+import torch
+
+from ..config import to_dict
+from . import dist
+from .checkpoint import code_version
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    iteration: int = 0  # completed iterations since the start of training
+    batch_in_epoch: int = 0  # batches of ``epoch`` already consumed (the resume point)
+    nonfinite_steps: int = 0
+    load_issues: List[str] = field(default_factory=list)  # reported by the dataset while loading
+
+
+def learning_rate(iteration, epoch, base_lr, lr_steps, warmup_iters=500, warmup_ratio=0.001, gamma=0.1):
+    """Step decay by epoch, with a linear warm-up by iteration from ``warmup_ratio * lr`` (§17).
+
+    As in mmcv: lr = base * gamma^(number of steps <= epoch); during the first ``warmup_iters``
+    iterations it is multiplied by 1 - (1 - iteration / warmup_iters) * (1 - warmup_ratio).
+    """
+    lr = base_lr * gamma ** sum(epoch >= s for s in lr_steps)
+    if iteration < warmup_iters:
+        lr *= 1 - (1 - iteration / warmup_iters) * (1 - warmup_ratio)
+    return lr
+
+
+def scaled_base_lr(solver, world_size):
+    """0.02 for a total batch of 16, scaled linearly with the real total batch (§17)."""
+    return solver.base_lr * solver.images_per_gpu * world_size / solver.base_batch_size
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_state(model, optimizer, scaler, state, cfg):
+    """The checkpoint dict; collective (every process contributes its RNG state)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": state.epoch,
+        "iteration": state.iteration,
+        "batch_in_epoch": state.batch_in_epoch,
+        "sampler": {"epoch": state.epoch, "start_batch": state.batch_in_epoch},
+        "train_state": {k: v for k, v in asdict(state).items() if k != "load_issues"},
+        "rng": dist.all_gather_object(rng_state()),
+        "world_size": dist.get_world_size(),
+        "config": to_dict(cfg),
+        "code_version": code_version(),
+    }
+
+
+def restore_state(checkpoint, model, optimizer, scaler, log):
+    """Load a checkpoint into the model and optimizer; restore this process's RNG. Returns TrainState."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["world_size"] == dist.get_world_size():
+        set_rng_state(checkpoint["rng"][dist.get_rank()])
+    else:
+        log(f"WARNING: the checkpoint was written by {checkpoint['world_size']} processes, this run has "
+            f"{dist.get_world_size()}: the data order continues, the random RoI sampling does not repeat")
+    return TrainState(**checkpoint["train_state"])
+
+
+def weights_digest(model):
+    """SHA-1 of every tensor of the state dict: equal across processes iff their weights are equal."""
+    digest = hashlib.sha1()
+    for value in model.state_dict().values():
+        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _autocast(device, amp):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_one_epoch(model, optimizer, scaler, loader, state, cfg, logger, device, base_lr, total_iters, save):
+    """Run the rest of ``state.epoch``. ``save()`` writes a checkpoint. Returns False once ``total_iters``
+    iterations are done. Raises NonFiniteError after too many non-finite losses."""
+    solver, train = cfg.solver, cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    end = time.time()
+    for images, targets in loader:
+        data_time = time.time() - end
+        lr = learning_rate(state.iteration, state.epoch, base_lr, solver.lr_steps, solver.warmup_iters, solver.warmup_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        state.load_issues += [issue for t in targets for issue in t.get("issues", [])]
+        with _autocast(device, solver.amp):
+            losses = model(images, targets)
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        # every process takes the same branch, or DDP's gradient all-reduce would hang
+        if dist.all_true(bool(torch.isfinite(total)), device):
+            scaler.scale(total).backward()
+            if solver.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            _skip_nonfinite_step(state, losses, targets, train.max_nonfinite_steps, logger)
+        state.iteration += 1
+        state.batch_in_epoch += 1
+        logger.record(state.iteration, state.epoch, dist.reduce_dict(losses), lr, time.time() - end, data_time, device)
+        if train.checkpoint_period and state.iteration % train.checkpoint_period == 0:
+            save()
+        if state.iteration >= total_iters:
+            return False
+        end = time.time()
+    return True
+
+
+def _skip_nonfinite_step(state, losses, targets, max_steps, logger):
+    """Log what went wrong (image ids of every process's batch, the loss terms) and count the step."""
+    state.nonfinite_steps += 1
+    image_ids = sum(dist.all_gather_object([t.get("image_id") for t in targets]), [])
+    terms = {k: float(v) for k, v in losses.items()}
+    logger.info(
+        f"WARNING: non-finite loss at iteration {state.iteration} (step skipped, {state.nonfinite_steps}/"
+        f"{max_steps} allowed); image ids {image_ids}; loss terms {terms}"
+    )
+    if state.nonfinite_steps > max_steps:
+        raise NonFiniteError(
+            f"{state.nonfinite_steps} non-finite losses (limit train.max_nonfinite_steps={max_steps}); "
+            "stopping with the last good checkpoint intact"
+        )
