@@ -24,7 +24,7 @@ import scnet  # noqa: E402
 from scnet.config import dump, get_cfg  # noqa: E402
 from scnet.data.build import build_train_dataset, build_train_loader  # noqa: E402
 from scnet.engine import dist  # noqa: E402
-from scnet.engine.checkpoint import all_finite, resolve_resume, save_checkpoint  # noqa: E402
+from scnet.engine.checkpoint import all_finite, list_checkpoints, resolve_resume, save_checkpoint  # noqa: E402
 from scnet.engine.logger import TrainLogger  # noqa: E402
 from scnet.engine.train import (  # noqa: E402
     NonFiniteError,
@@ -111,10 +111,10 @@ def main():
     saved_at = [None]
 
     def save():
-        if saved_at[0] == state.iteration:
-            return
+        if saved_at[0] == state.iteration or not state.last_step_finite:
+            return  # after a skipped step the newest checkpoint stays the one before it
         if not dist.all_true(all_finite(model_without_ddp.state_dict()), device):  # collective: no hang
-            raise NonFiniteError(f"NaN/Inf weights at iteration {state.iteration}: not saved, the last good checkpoint is intact")
+            raise NonFiniteError(f"NaN/Inf weights at iteration {state.iteration}: not saved")
         ckpt = checkpoint_state(model_without_ddp, optimizer, scaler, state, cfg)
         if dist.is_main_process():
             logger.info(f"checkpoint -> {save_checkpoint(ckpt, output_dir, cfg.train.keep_checkpoints)}")
@@ -132,7 +132,8 @@ def main():
             save()
             load_issues += report_load_issues(state, logger)
     except NonFiniteError as e:
-        logger.info(f"ERROR: {e}")
+        newest = list_checkpoints(output_dir)
+        logger.info(f"ERROR: {e}. Newest good checkpoint: {newest[0] if newest else 'none'}")
         logger.close()
         dist.cleanup()
         sys.exit(1)

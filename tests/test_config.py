@@ -47,6 +47,7 @@ def test_overrides_parse_yaml_values():
     assert cfg.model.roi_heads.stage_ious == [0.4, 0.5, 0.6]
     assert cfg.model.semantic.enabled is False
     assert get_cfg(None, ["solver.base_lr=1"]).solver.base_lr == 1.0  # int promoted to float
+    assert get_cfg(None, ["solver.base_lr=1e-3"]).solver.base_lr == 0.001  # YAML 1.1 reads this as a str
 
 
 @pytest.mark.parametrize(

@@ -90,3 +90,98 @@ def test_killed_run_resumed_with_auto_ends_with_the_same_weights(dataset_dir, tm
     assert result["iteration"] == expected["iteration"] > 2
     for key in expected["model"]:
         assert torch.equal(expected["model"][key], result["model"][key]), key
+
+
+def _losses(output_dir):
+    """Per-iteration total loss (log_period=1), averaged over processes by the logger."""
+    return {r["iteration"]: r["loss"] for r in _log(output_dir) if "loss" in r}
+
+
+def _digests(output_dir):
+    return [r for r in _log(output_dir) if "weights_sha1" in r][-1]["weights_sha1"]
+
+
+def test_ddp_two_processes_match_one_process_with_the_same_total_batch(dataset_dir, tmp_path):
+    common = _overrides(dataset_dir, "solver.epochs=1", "solver.max_iters=3")
+    one = _run(common + ["solver.images_per_gpu=2"], tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run(common + ["solver.images_per_gpu=1"], tmp_path / "two",
+               launcher=_torchrun("--standalone", "--nproc_per_node", "2"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    digests = _digests(tmp_path / "two")
+    assert len(digests) == 2 and digests[0] == digests[1]  # both ranks end with identical weights
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    # same images and weights; only the random RoI/anchor sampling and the per-batch loss
+    # normalisers differ between one batch of 2 and two batches of 1
+    for it in a:
+        assert b[it] == pytest.approx(a[it], rel=0.03), (it, a[it], b[it])
+
+
+def _dataset_with_an_empty_image(root):
+    """Two images, the second without annotations (kept with data.keep_empty_images=true)."""
+    make_synthetic_coco(str(root), num_images=2, seed=4, split_name="train")
+    path = os.path.join(root, "annotations", "instances_train.json")
+    with open(path) as f:
+        data = json.load(f)
+    second = data["images"][1]["id"]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != second]
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return str(root)
+
+
+def test_ddp_across_two_nodes_with_an_empty_batch_on_one_rank(tmp_path):
+    """Two "nodes" of one process each on loopback; every iteration one rank gets the empty image."""
+    root = _dataset_with_an_empty_image(tmp_path / "data")
+    args = _overrides(root, "solver.epochs=2", "solver.images_per_gpu=1", "data.keep_empty_images=true")
+    port = _free_port()
+    launcher = _torchrun("--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                         "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "scnet-test")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [
+        subprocess.Popen([*launcher, TRAIN, "--output-dir", str(tmp_path / "out"), *args], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    digests = _digests(tmp_path / "out")
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert max(_losses(tmp_path / "out")) == 2  # 2 epochs x 1 global batch of the 2 images
+
+
+def test_training_on_a_dataset_with_every_bad_input_completes_and_reports_the_skips(tmp_path):
+    from scnet.data.synthetic import BAD_INPUTS, inject_bad_inputs
+
+    root = tmp_path / "data"
+    make_synthetic_coco(str(root), num_images=len(BAD_INPUTS) + 5, seed=2, split_name="train")
+    files = inject_bad_inputs(str(root), "train")
+    result = _run(_overrides(str(root), "solver.epochs=1", "solver.images_per_gpu=2"), tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    # dropped while reading the annotations, and replaced or fixed while loading, each named
+    for kind in ("missing image file", "no annotations", "crowd-only", "missing stuff map"):
+        assert f"{files[kind]}: {kind}" in out, kind
+    for kind in ("corrupt image", "truncated image", "size differs from the JSON", "stuff map of the wrong size"):
+        assert any(files[kind] in line and "replaced by" in line for line in out.splitlines()), kind
+    summary = [line for line in out.splitlines() if line.startswith("done:")][0]
+    assert "0 non-finite steps" in summary and "0 problems while loading" not in summary
+
+
+def test_nan_guard_skips_non_finite_steps_then_stops_with_the_last_good_checkpoint(tmp_path, dataset_dir):
+    """A learning rate of 1e6 makes the weights explode: the guard must stop the run cleanly."""
+    args = _overrides(dataset_dir, "solver.epochs=5", "solver.images_per_gpu=2", "solver.warmup_iters=0",
+                      "solver.base_lr=1e6", "train.checkpoint_period=1", "train.max_nonfinite_steps=2")
+    result = _run(args, tmp_path / "out")
+    assert result.returncode == 1
+    assert "non-finite" in result.stdout or "NaN/Inf" in result.stdout
+    assert "ERROR:" in result.stdout
+    from scnet.engine.checkpoint import list_checkpoints, load_checkpoint
+
+    kept = list_checkpoints(str(tmp_path / "out"))
+    assert kept, "no checkpoint was written before the run went bad"
+    newest = load_checkpoint(kept[0])  # readable and finite
+    assert newest["train_state"]["nonfinite_steps"] == 0  # written before the first skipped step
+    assert f"Newest good checkpoint: {kept[0]}" in result.stdout

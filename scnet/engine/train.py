@@ -23,6 +23,7 @@ class TrainState:
     iteration: int = 0  # completed iterations since the start of training
     batch_in_epoch: int = 0  # batches of ``epoch`` already consumed (the resume point)
     nonfinite_steps: int = 0
+    last_step_finite: bool = True  # no checkpoint is written right after a skipped step
     load_issues: List[str] = field(default_factory=list)  # reported by the dataset while loading
 
 
@@ -126,6 +127,7 @@ def train_one_epoch(model, optimizer, scaler, loader, state, cfg, logger, device
                 torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
+            state.last_step_finite = True
         else:
             _skip_nonfinite_step(state, losses, targets, train.max_nonfinite_steps, logger)
         state.iteration += 1
@@ -142,6 +144,7 @@ def train_one_epoch(model, optimizer, scaler, loader, state, cfg, logger, device
 def _skip_nonfinite_step(state, losses, targets, max_steps, logger):
     """Log what went wrong (image ids of every process's batch, the loss terms) and count the step."""
     state.nonfinite_steps += 1
+    state.last_step_finite = False
     image_ids = sum(dist.all_gather_object([t.get("image_id") for t in targets]), [])
     terms = {k: float(v) for k, v in losses.items()}
     logger.info(
