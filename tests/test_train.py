@@ -185,3 +185,15 @@ def test_nan_guard_skips_non_finite_steps_then_stops_with_the_last_good_checkpoi
     newest = load_checkpoint(kept[0])  # readable and finite
     assert newest["train_state"]["nonfinite_steps"] == 0  # written before the first skipped step
     assert f"Newest good checkpoint: {kept[0]}" in result.stdout
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_and_gradient_clipping(dataset_dir, tmp_path, amp):
+    args = _overrides(dataset_dir, "solver.max_iters=2", "solver.images_per_gpu=2", f"solver.amp={amp}",
+                      "solver.clip_grad_norm=5.0")
+    result = _run(args, tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = _losses(tmp_path / "out")
+    assert sorted(losses) == [1, 2] and all(v == v and abs(v) < 1e3 for v in losses.values())
+    weights = _final_weights(tmp_path / "out")["model"]
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())  # fp32 master weights
