@@ -10,7 +10,7 @@ error that names the key, so a typo never silently trains the default model.
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 import yaml
 

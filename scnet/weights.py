@@ -24,7 +24,10 @@ MMDET_RULES = [
     (r"roi_head\.mask_head\.convs\.(\d+)\.(conv[12])\.(weight|bias)", r"roi_heads.mask_head.blocks.\1.\2.\3"),
     (r"roi_head\.mask_head\.upsample\.(weight|bias)", r"roi_heads.mask_head.deconv.\1"),
     (r"roi_head\.mask_head\.conv_logits\.(weight|bias)", r"roi_heads.mask_head.predictor.\1"),
-    (r"roi_head\.semantic_head\.lateral_convs\.(\d+)\.conv\.(weight|bias)", r"roi_heads.semantic_head.lateral_convs.\1.\2"),
+    (
+        r"roi_head\.semantic_head\.lateral_convs\.(\d+)\.conv\.(weight|bias)",
+        r"roi_heads.semantic_head.lateral_convs.\1.\2",
+    ),
     (r"roi_head\.semantic_head\.convs\.(\d+)\.(conv[12])\.(weight|bias)", r"roi_heads.semantic_head.blocks.\1.\2.\3"),
     (r"roi_head\.semantic_head\.conv_embedding\.conv\.(weight|bias)", r"roi_heads.semantic_head.embedding.\1"),
     (r"roi_head\.semantic_head\.conv_logits\.(weight|bias)", r"roi_heads.semantic_head.logits.\1"),

@@ -50,7 +50,8 @@ def main():
     tmp = args.output + ".tmp"
     torch.save(checkpoint, tmp)
     os.replace(tmp, args.output)  # never leave a half-written file under the final name
-    print(f"{args.input}: {len(official)} keys converted -> {args.output} ({sum(v.numel() for v in state.values() if v.is_floating_point()):,} values)")
+    values = sum(v.numel() for v in state.values() if v.is_floating_point())
+    print(f"{args.input}: {len(official)} keys converted -> {args.output} ({values:,} values)")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", help="YAML config (default: SCNet R-50 20e)")
     parser.add_argument("--output-dir", default=None, help="default: output/<config name>")
-    parser.add_argument("--resume", default="", help="a checkpoint path, or 'auto' for the newest valid one in --output-dir")
+    parser.add_argument("--resume", default="", help="a checkpoint path, or 'auto' (newest valid in --output-dir)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     return parser.parse_args()
 

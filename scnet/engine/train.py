@@ -111,7 +111,9 @@ def train_one_epoch(model, optimizer, scaler, loader, state, cfg, logger, device
     end = time.time()
     for images, targets in loader:
         data_time = time.time() - end
-        lr = learning_rate(state.iteration, state.epoch, base_lr, solver.lr_steps, solver.warmup_iters, solver.warmup_ratio)
+        lr = learning_rate(
+            state.iteration, state.epoch, base_lr, solver.lr_steps, solver.warmup_iters, solver.warmup_ratio
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         state.load_issues += [issue for t in targets for issue in t.get("issues", [])]

@@ -131,7 +131,8 @@ class TwoStageDetector(nn.Module):
         elif not torch.isfinite(boxes).all():
             problem = "non-finite box coordinates"
         elif ((boxes[:, 2:] - boxes[:, :2]) <= 0).any():
-            problem = f"boxes with zero or negative width/height: {boxes[(boxes[:, 2:] <= boxes[:, :2]).any(1)].tolist()}"
+            bad = boxes[(boxes[:, 2:] <= boxes[:, :2]).any(1)].tolist()
+            problem = f"boxes with zero or negative width/height: {bad}"
         elif "masks" in target and tuple(target["masks"].shape) != (boxes.shape[0], *image_size):
             problem = f"masks of shape {tuple(target['masks'].shape)}, expected {(boxes.shape[0], *image_size)}"
         elif "semantic_seg" in target and tuple(target["semantic_seg"].shape) != tuple(image_size):

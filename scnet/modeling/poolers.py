@@ -41,5 +41,6 @@ class MultiLevelRoIAlign(nn.Module):
         for level, stride in enumerate(self.strides):
             idx = (levels == level).nonzero().view(-1)
             if idx.numel() > 0:
-                out[idx] = roi_align(features[level], rois[idx], self.output_size, 1.0 / stride, self.sampling_ratio, True)
+                scale = 1.0 / stride
+                out[idx] = roi_align(features[level], rois[idx], self.output_size, scale, self.sampling_ratio, True)
         return out

@@ -132,5 +132,6 @@ def load_pretrained(backbone, path_or_url):
         raise KeyError(f"{path_or_url}: backbone keys missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, v in state.items():
         if v.shape != own[k].shape:
-            raise ValueError(f"{path_or_url}: {k} has shape {tuple(v.shape)}, the backbone expects {tuple(own[k].shape)}")
+            expected = tuple(own[k].shape)
+            raise ValueError(f"{path_or_url}: {k} has shape {tuple(v.shape)}, the backbone expects {expected}")
     backbone.load_state_dict(state, strict=False)

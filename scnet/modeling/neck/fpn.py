@@ -28,7 +28,8 @@ class FPN(nn.Module):
     def forward(self, features):
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, features)]
         for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+            upsampled = F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+            laterals[i - 1] = laterals[i - 1] + upsampled
         outs = [conv(x) for conv, x in zip(self.output_convs, laterals)]
         for _ in range(self.num_extra_levels):
             outs.append(F.max_pool2d(outs[-1], 1, stride=2))  # a subsample, not a conv (§24.24)
