@@ -120,6 +120,11 @@ class TestConfig:
     nms_iou: float = 0.5
     max_detections: int = 100
     mask_threshold: float = 0.5
+    # test-time augmentation (scripts/eval.py --tta): (short, long) maxima of each scale, and flips (§15)
+    tta_scales: List[List[int]] = field(
+        default_factory=lambda: [[600, 900], [800, 1200], [1000, 1500], [1200, 1800], [1400, 2100]]
+    )
+    tta_flip: bool = True
 
 
 @dataclass

@@ -232,27 +232,26 @@ class SCNetRoIHeads(nn.Module):
         Returns per image: ``boxes`` (D, 4) in network-input coordinates, ``scores`` (D,), ``labels``
         (D,) and ``mask_probs`` (D, 28, 28), the sigmoid of each detection's class channel.
         """
-        semantic, context, _ = self._semantic_and_context(features)
-        detections = self._predict_boxes(features, proposals, image_sizes, semantic, context)
-        boxes = [d["boxes"] for d in detections]
-        if sum(b.shape[0] for b in boxes) == 0:
-            for d in detections:
-                d["mask_probs"] = d["boxes"].new_zeros((0, self.mask_resolution, self.mask_resolution))
-            return detections
-        rois = rois_from_boxes(boxes)
-        relay = None
-        if self.feature_relay is not None:  # a second pass of the last box head, for h_3 (§24.8)
-            _, _, shared = self._run_box_stage(self.num_stages - 1, features, rois, semantic, context)
-            relay = self.feature_relay(shared)
-        mask_logits = self._run_mask_branch(features, rois, semantic, context, relay)
+        semantic, context = self.context_features(features)
+        detections = []
+        for boxes, scores in zip(*self.cascade(features, proposals, image_sizes, semantic, context)):
+            boxes, scores, labels = multiclass_nms(boxes, scores, self.score_thresh, self.nms_iou, self.max_detections)
+            detections.append({"boxes": boxes, "scores": scores, "labels": labels})
+        logits = self.mask_logits(features, [d["boxes"] for d in detections], semantic, context)
         labels = torch.cat([d["labels"] for d in detections])
-        probs = mask_logits[torch.arange(labels.numel(), device=labels.device), labels].sigmoid()
-        for d, p in zip(detections, probs.split([b.shape[0] for b in boxes])):
+        probs = logits[torch.arange(labels.numel(), device=labels.device), labels].sigmoid()
+        for d, p in zip(detections, probs.split([d["boxes"].shape[0] for d in detections])):
             d["mask_probs"] = p
         return detections
 
-    def _predict_boxes(self, features, proposals, image_sizes, semantic, context):
-        """Run the stages on all proposals; score = softmax of the mean of the stages' logits (§9.7)."""
+    def context_features(self, features):
+        """Semantic feature and global context vectors of a batch (None for a branch that is off)."""
+        semantic, context, _ = self._semantic_and_context(features)
+        return semantic, context
+
+    def cascade(self, features, proposals, image_sizes, semantic, context):
+        """Run the stages on all proposals (§9.7). Returns per-image lists of (R, C + 1) scores, the
+        softmax of the mean of the stages' logits (§24.6), and (R, 4) last-stage boxes, before NMS."""
         counts = [p.shape[0] for p in proposals]
         rois = rois_from_boxes(proposals)
         stage_logits = []
@@ -261,13 +260,19 @@ class SCNetRoIHeads(nn.Module):
             stage_logits.append(cls_logits)
             if stage < self.num_stages - 1:
                 rois = torch.cat([rois[:, :1], self._decode(stage, rois, deltas, counts, image_sizes)], dim=1)
-        scores = F.softmax(sum(stage_logits) / float(self.num_stages), dim=1)  # mean of logits (§24.6)
+        scores = F.softmax(sum(stage_logits) / float(self.num_stages), dim=1)
         boxes = self._decode(self.num_stages - 1, rois, deltas, counts, image_sizes)
-        detections = []
-        for b, s in zip(boxes.split(counts), scores.split(counts)):
-            b, s, lbl = multiclass_nms(b, s, self.score_thresh, self.nms_iou, self.max_detections)
-            detections.append({"boxes": b, "scores": s, "labels": lbl})
-        return detections
+        return boxes.split(counts), scores.split(counts)
+
+    def mask_logits(self, features, boxes_per_image, semantic, context):
+        """(R, C, 28, 28) mask logits of the given boxes: the single mask branch, fed the relay of a
+        second pass of the last box head on these boxes (§24.8)."""
+        rois = rois_from_boxes(boxes_per_image)
+        relay = None
+        if self.feature_relay is not None and rois.shape[0] > 0:
+            _, _, shared = self._run_box_stage(self.num_stages - 1, features, rois, semantic, context)
+            relay = self.feature_relay(shared)
+        return self._run_mask_branch(features, rois, semantic, context, relay)
 
     def _decode(self, stage, rois, deltas, counts, image_sizes):
         """Decode (R, 4) class-agnostic boxes for each image, clipped to its (h, w)."""

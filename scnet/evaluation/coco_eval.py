@@ -1,0 +1,200 @@
+"""COCO evaluation, spec §13 step 8 and §16.2: detections -> COCO results -> pycocotools bbox/segm AP.
+
+A result dict is COCO's results format: ``image_id``, ``category_id`` (the ORIGINAL COCO id,
+``category_ids[label]``: contiguous labels never leave the model, STYLE.md item 6), ``bbox``
+[x, y, w, h] with w = x2 - x1 (no "+1", §24.2), ``score`` and ``segmentation``, a compressed RLE
+whose ``counts`` is a str so that the list is JSON-serialisable.
+
+    results = instances_to_coco(model([image])[0], image_id, dataset.category_ids)
+    metrics = evaluate("annotations/instances_val2017.json", results)
+    print(format_summary(metrics["bbox"], "bbox"))
+
+Numbers keep pycocotools' scale (0..1) and its convention that -1 means "no ground truth here" (e.g.
+AP_small on images without small objects); per-category AP is None for a category without ground
+truth in the evaluated images.
+"""
+import contextlib
+import io
+import json
+import warnings
+
+import numpy as np
+import pycocotools.mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+IOU_TYPES = ("bbox", "segm")
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# (kind, IoU threshold or None for 0.50:0.95, area range, max detections), in COCOeval.summarize order
+SUMMARY_ROWS = (
+    ("AP", None, "all", 100), ("AP", 0.5, "all", 100), ("AP", 0.75, "all", 100),
+    ("AP", None, "small", 100), ("AP", None, "medium", 100), ("AP", None, "large", 100),
+    ("AR", None, "all", 1), ("AR", None, "all", 10), ("AR", None, "all", 100),
+    ("AR", None, "small", 100), ("AR", None, "medium", 100), ("AR", None, "large", 100),
+)
+
+
+# --- model output -> COCO results --------------------------------------------------------------------
+def instances_to_coco(result, image_id, category_ids):
+    """One image's detections (the detector's output dict) -> list of COCO result dicts.
+
+    ``result``: boxes (D, 4) xyxy, scores (D,), labels (D,) contiguous, masks (D, H, W) bool (optional).
+    ``category_ids[label]`` is the COCO category id of a contiguous label.
+    """
+    boxes = _numpy(result["boxes"]).astype(np.float64).reshape(-1, 4)
+    scores = _numpy(result["scores"]).astype(np.float64).reshape(-1)
+    labels = _numpy(result["labels"]).astype(np.int64).reshape(-1)
+    if len(boxes) == 0:
+        return []
+    if labels.min() < 0 or labels.max() >= len(category_ids):
+        raise ValueError(f"image {image_id}: labels {sorted(set(labels.tolist()))} outside 0..{len(category_ids) - 1}: "
+                         "does the model have more classes than the dataset?")
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)  # w = x2 - x1 (§13)
+    rles = encode_masks(_numpy(result["masks"])) if "masks" in result else None
+    image_id = int(image_id)
+    coco = []
+    for i in range(len(boxes)):
+        entry = {"image_id": image_id, "category_id": int(category_ids[labels[i]]),
+                 "bbox": [float(v) for v in xywh[i]], "score": float(scores[i])}
+        if rles is not None:
+            entry["segmentation"] = rles[i]
+        coco.append(entry)
+    return coco
+
+
+def encode_masks(masks):
+    """(D, H, W) binary masks -> D compressed RLEs with str counts, in one pycocotools call."""
+    # pycocotools reads an (H, W, D) Fortran-ordered uint8 array: column-major runs, one RLE per slice
+    rles = mask_util.encode(np.asfortranarray(masks.astype(np.uint8).transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")  # bytes -> str, as COCO's JSON files store it
+    return rles
+
+
+def _numpy(x):
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+# --- pycocotools evaluation --------------------------------------------------------------------------
+def load_ground_truth(coco_gt):
+    """A pycocotools COCO object from a path (or the object itself), without pycocotools' prints."""
+    if isinstance(coco_gt, COCO):
+        return coco_gt
+    with _quiet():
+        return COCO(str(coco_gt))
+
+
+def evaluate(coco_gt, results, iou_types=IOU_TYPES, image_ids=None):
+    """COCO AP of ``results`` against ``coco_gt`` (a COCO object or an annotation file path).
+
+    ``image_ids``: the images to evaluate (default: all in the ground truth); an image in it without
+    detections counts as all missed. Returns ``{iou_type: {"AP": ..., ..., "ARl": ...,
+    "per_category": {category name: AP or None}}}``.
+    Zero detections: a warning and AP 0 (pycocotools' loadRes would crash on an empty list).
+    """
+    coco_gt = load_ground_truth(coco_gt)
+    image_ids = sorted(coco_gt.getImgIds()) if image_ids is None else sorted({int(i) for i in image_ids})
+    check_results(coco_gt, results, image_ids)
+    if not results:
+        warnings.warn(f"no detections at all on {len(image_ids)} images: every AP is 0", stacklevel=2)
+    return {iou_type: _evaluate_one(coco_gt, results, iou_type, image_ids) for iou_type in iou_types}
+
+
+def check_results(coco_gt, results, image_ids):
+    """Stop with a clear message when results or image ids do not belong to this ground truth."""
+    known_images = set(coco_gt.getImgIds())
+    unknown = sorted(set(image_ids) - known_images)
+    if unknown:
+        raise ValueError(f"{len(unknown)} image ids to evaluate are not in the ground truth, e.g. {unknown[:5]}")
+    unknown = sorted({r["image_id"] for r in results} - known_images)
+    if unknown:
+        raise ValueError(f"results for {len(unknown)} image ids that are not in the ground truth, e.g. "
+                         f"{unknown[:5]}: wrong annotation file?")
+    known_categories = set(coco_gt.getCatIds())
+    unknown = sorted({r["category_id"] for r in results} - known_categories)
+    if unknown:
+        raise ValueError(f"results with category ids {unknown[:10]} that are not among the ground truth's "
+                         f"{sorted(known_categories)[:10]}...: results must use the original COCO ids "
+                         "(category_ids[label]), not contiguous labels")
+
+
+def _evaluate_one(coco_gt, results, iou_type, image_ids):
+    if iou_type == "segm" and any("segmentation" not in r for r in results):
+        raise ValueError("segm evaluation needs a 'segmentation' in every result")
+    # Copies: loadRes writes area/id/iscrowd into the dicts. Without "bbox", pycocotools takes the
+    # mask area for the small/medium/large split of segm AP, as detectron2 and mmdet >= 2.12 do.
+    drop = {"bbox"} if iou_type == "segm" else set()
+    detections = [{k: v for k, v in r.items() if k not in drop} for r in results]
+    with _quiet():
+        coco_dt = coco_gt.loadRes(detections) if detections else _empty_results(coco_gt)
+        coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
+        coco_eval.params.imgIds = image_ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, coco_eval.stats)}
+    stats["per_category"] = per_category_ap(coco_eval, coco_gt)
+    return stats
+
+
+def _empty_results(coco_gt):
+    """A results COCO object with no detection: what loadRes([]) should have returned."""
+    empty = COCO()
+    empty.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
+                     "categories": list(coco_gt.dataset["categories"])}
+    empty.createIndex()
+    return empty
+
+
+def per_category_ap(coco_eval, coco_gt):
+    """{category name: AP@[.5:.95], area all, 100 detections}; None without ground truth."""
+    precision = coco_eval.eval["precision"]  # (T iou thresholds, R recall points, K categories, A areas, M maxDets)
+    per_category = {}
+    for k, category_id in enumerate(coco_eval.params.catIds):
+        values = precision[:, :, k, 0, -1]
+        valid = values[values > -1]  # -1: no ground truth of this category in the evaluated images
+        per_category[coco_gt.cats[category_id]["name"]] = float(valid.mean()) if valid.size else None
+    return per_category
+
+
+@contextlib.contextmanager
+def _quiet():
+    """pycocotools prints progress ("Loading and preparing results...") to stdout: keep it clean."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+# --- printing -------------------------------------------------------------------------------------
+def format_summary(stats, iou_type=None):
+    """The 12 lines COCOeval.summarize prints, rebuilt from ``stats`` (one IoU type's dict)."""
+    row = " {:<18} {} @[ IoU={:<9} | area={:>6s} | maxDets={:>3d} ] = {:0.3f}"
+    lines = [f"IoU type: {iou_type}"] if iou_type else []
+    for name, (kind, iou, area, max_dets) in zip(STAT_NAMES, SUMMARY_ROWS):
+        title = "Average Precision" if kind == "AP" else "Average Recall"
+        iou_text = "0.50:0.95" if iou is None else f"{iou:0.2f}"
+        lines.append(row.format(title, f"({kind})", iou_text, area, max_dets, stats[name]))
+    return "\n".join(lines)
+
+
+def format_per_category_table(metrics, columns=3, name_width=16):
+    """Per-category AP, ``columns`` categories side by side: name, then one AP per IoU type."""
+    iou_types = [t for t in IOU_TYPES if t in metrics]
+    names = list(metrics[iou_types[0]]["per_category"])
+    header = f"{'category':<{name_width}}" + "".join(f" {t:>6}" for t in iou_types)
+    cells = [f"{name[:name_width]:<{name_width}}" + "".join(f" {_ap_text(metrics[t]['per_category'].get(name)):>6}"
+                                                            for t in iou_types) for name in names]
+    rows = [cells[i : i + columns] for i in range(0, len(cells), columns)]
+    lines = [" | ".join([header] * min(columns, len(cells)))]
+    lines += [" | ".join(row) for row in rows]
+    return "\n".join(lines)
+
+
+def _ap_text(value):
+    return "-" if value is None else f"{value:0.3f}"
+
+
+def summary_line(metrics, **extra):
+    """One JSON line for scripts: AP, AP50, AP75 per IoU type, then ``extra`` (images, images/s, ...)."""
+    summary = {f"{t}_{name}": metrics[t][name] for t in IOU_TYPES if t in metrics for name in ("AP", "AP50", "AP75")}
+    summary.update(extra)
+    return json.dumps(summary)

@@ -1,0 +1,149 @@
+"""Evaluate a checkpoint on a COCO-format validation set (bbox and segm AP, spec §13, §16.2), or
+evaluate an existing results file.
+
+    python scripts/eval.py --cfg configs/r50_20e.yaml --weights scnet_r50_20e.pth [--tta] [key.sub=value ...]
+    torchrun --nproc_per_node 8 scripts/eval.py --cfg configs/r50_20e.yaml --weights W.pth
+    python scripts/eval.py --results output/r50_20e/eval/results.json --ann data/coco/annotations/instances_val2017.json
+
+The images (cfg.data.root / cfg.data.val_images, annotations cfg.data.val_annotations) are split over
+the processes and the results gathered on rank 0, which writes ``<output-dir>/results.json`` (COCO
+results format, original category ids) and ``metrics.json``, and prints pycocotools' 12-number
+summaries, a per-category AP table and, as the last stdout line, a one-line JSON summary. Warnings
+and the progress bar go to stderr.
+"""
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import scnet  # noqa: E402
+from scnet.config import get_cfg  # noqa: E402
+from scnet.data.coco import CocoDataset  # noqa: E402
+from scnet.engine import dist  # noqa: E402
+from scnet.engine.evaluate import gather_results, inference_on_dataset  # noqa: E402
+from scnet.modeling.tta import TestTimeAugmentation  # noqa: E402
+from scnet.evaluation.coco_eval import (  # noqa: E402
+    IOU_TYPES,
+    evaluate,
+    format_per_category_table,
+    format_summary,
+    load_ground_truth,
+    summary_line,
+)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", help="YAML config (default: SCNet R-50 20e)")
+    parser.add_argument("--weights", help="checkpoint: ours ({'model': state_dict}) or an official MMDetection one")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: flip x 5 scales (§15)")
+    parser.add_argument("--output-dir", help="default: output/<config name>/eval, or the folder of --results")
+    parser.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")
+    parser.add_argument("--results", help="evaluate this COCO results JSON instead of running a model")
+    parser.add_argument("--ann", help="with --results: the ground-truth annotation JSON")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    args = parser.parse_args()
+    if args.results and (args.weights or args.tta or args.cfg or args.overrides):
+        parser.error("--results evaluates a file: it takes --ann, --output-dir and --max-images only")
+    if args.results and not args.ann:
+        parser.error("--results needs --ann (the ground-truth annotation JSON)")
+    if not args.results and not args.weights:
+        parser.error("--weights is required to evaluate a model (or give --results and --ann)")
+    return args
+
+
+def build_predict(model, tta, test_cfg):
+    """image (3, H, W) uint8 -> the model's output dict, plain or with test-time augmentation."""
+    if tta:
+        return TestTimeAugmentation(model, [tuple(s) for s in test_cfg.tta_scales], test_cfg.tta_flip)
+    return lambda image: model([image])[0]
+
+
+def run_model(args):
+    device = dist.init_distributed()
+    cfg = get_cfg(args.cfg, args.overrides)
+    log = print if dist.is_main_process() else (lambda *a: None)
+    dataset = CocoDataset(os.path.join(cfg.data.root, cfg.data.val_annotations),
+                          os.path.join(cfg.data.root, cfg.data.val_images), semantic_source="none", training=False)
+    if cfg.model.num_classes != dataset.num_classes:
+        raise SystemExit(f"error: the model has {cfg.model.num_classes} classes, the dataset "
+                         f"{dataset.num_classes}: set model.num_classes or pick the right annotations")
+    if dist.is_main_process() and dataset.skipped:  # e.g. missing image files: their ground truth is left out
+        shown = "; ".join(f"{name} ({reason})" for name, reason in dataset.skipped[:10])
+        more = " ..." if len(dataset.skipped) > 10 else ""
+        warnings.warn(f"{len(dataset.skipped)} images not evaluated: {shown}{more}")
+    model = scnet.build_model(cfg, weights=args.weights).to(device).eval()
+    indices = range(min(args.max_images, len(dataset)) if args.max_images else len(dataset))
+    log(f"{len(indices)} images, {dist.get_world_size()} process(es), {'TTA' if args.tta else 'single scale'}, "
+        f"weights {args.weights}")
+    with torch.no_grad():
+        predict = build_predict(model, args.tta, cfg.model.test)
+        results, info = inference_on_dataset(predict, dataset, dataset.category_ids, dist.get_rank(),
+                                             dist.get_world_size(), indices=indices, num_workers=cfg.data.num_workers)
+    results = gather_results(results)
+    infos = dist.all_gather_object(info)
+    if dist.is_main_process():
+        output_dir = args.output_dir or os.path.join("output", _config_name(args.cfg), "eval")
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "results.json"), "w") as f:
+            json.dump(results, f)
+        image_ids = sorted(i for info in infos for i in info["image_ids"])
+        seconds = max(info["seconds"] for info in infos)  # the processes run side by side
+        skipped = len(dataset.skipped) + sum(len(info["skipped"]) for info in infos)
+        extra = {"images": len(image_ids), "skipped_images": skipped, "detections": len(results),
+                 "seconds": round(seconds, 3), "images_per_s": round(len(image_ids) / max(seconds, 1e-9), 3)}
+        report(os.path.join(cfg.data.root, cfg.data.val_annotations), results, image_ids, output_dir, extra)
+    dist.cleanup()
+
+
+def run_results_file(args):
+    with open(args.results) as f:
+        results = json.load(f)
+    if not isinstance(results, list):
+        raise SystemExit(f"error: {args.results} is not a COCO results list")
+    coco_gt = load_ground_truth(args.ann)
+    # the annotation file's order, as CocoDataset's (so --max-images picks the same images)
+    image_ids = [image["id"] for image in coco_gt.dataset["images"]]
+    if args.max_images:
+        image_ids = image_ids[: args.max_images]
+        selected = set(image_ids)
+        results = [r for r in results if r["image_id"] in selected]
+    output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.results))
+    report(coco_gt, results, image_ids, output_dir, {"images": len(image_ids), "detections": len(results)})
+
+
+def report(coco_gt, results, image_ids, output_dir, extra):
+    """Evaluate, write metrics.json, print the summaries; the JSON summary is the last stdout line."""
+    coco_gt = load_ground_truth(coco_gt)
+    metrics = evaluate(coco_gt, results, IOU_TYPES, image_ids=image_ids)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+        json.dump(dict(metrics, **extra), f, indent=1)
+    for iou_type in IOU_TYPES:
+        print(format_summary(metrics[iou_type], iou_type), end="\n\n")
+    print("Per-category AP@[.5:.95]:")
+    print(format_per_category_table(metrics), end="\n\n")
+    print(f"{len(image_ids)} of the {len(coco_gt.getImgIds())} ground-truth images evaluated; "
+          f"results and metrics in {output_dir}")
+    print(summary_line(metrics, **extra), flush=True)
+
+
+def _config_name(path):
+    return os.path.splitext(os.path.basename(path))[0] if path else "default"
+
+
+def main():
+    args = parse_args()
+    if args.results:
+        run_results_file(args)
+    else:
+        run_model(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""scripts/eval.py end to end on generated data with a tiny random-weight checkpoint: results.json in
+COCO's format with the original category ids, --results/--ann reproducing the metrics, torchrun with
+two processes giving the same results, zero detections, --tta."""
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from scnet.data.synthetic import make_synthetic_coco
+
+from conftest import ROOT, TINY, tiny_model
+
+EVAL = os.path.join(ROOT, "scripts", "eval.py")
+SUMMARY_LINE = " Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = "
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(data root, annotation file, checkpoint of a tiny SCNet with 3 classes, its overrides)."""
+    root = tmp_path_factory.mktemp("eval")
+    ann = make_synthetic_coco(str(root / "data"), 6, seed=2, split_name="val")  # category ids 2, 5, 8
+    checkpoint = str(root / "tiny.pth")
+    torch.save({"model": tiny_model(seed=0).state_dict()}, checkpoint)
+    overrides = TINY + [f"data.root={root / 'data'}", "data.val_annotations=annotations/instances_val.json",
+                        "data.val_images=val", "data.num_workers=0"]
+    return root, ann, checkpoint, overrides
+
+
+def _run(args, launcher=(sys.executable,), timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([*launcher, EVAL, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _summary(proc):
+    """The last stdout line: the one-line JSON summary."""
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def model_run(setup):
+    root, _, checkpoint, overrides = setup
+    out = root / "out"
+    return out, _run(["--weights", checkpoint, "--output-dir", str(out), *overrides])
+
+
+def test_model_run_writes_coco_results_and_metrics(setup, model_run):
+    _, ann, _, _ = setup
+    out, proc = model_run
+    assert proc.stdout.count(SUMMARY_LINE) == 2  # bbox and segm, as pycocotools prints them
+    assert "IoU type: bbox" in proc.stdout and "IoU type: segm" in proc.stdout and "rectangle" in proc.stdout
+    summary = _summary(proc)
+    metrics = _load(out / "metrics.json")
+    assert summary["images"] == 6 and summary["detections"] > 0 and summary["images_per_s"] > 0
+    assert summary["bbox_AP"] == metrics["bbox"]["AP"] and summary["segm_AP"] == metrics["segm"]["AP"]
+    assert set(metrics["segm"]["per_category"]) == {"rectangle", "ellipse", "triangle"}
+
+    gt = COCO(ann)
+    with contextlib.redirect_stdout(io.StringIO()):
+        detections = gt.loadRes(str(out / "results.json"))
+    category_ids = {d["category_id"] for d in detections.dataset["annotations"]}
+    assert category_ids <= {2, 5, 8} and category_ids & {5, 8}, category_ids  # original ids, not labels 0..2
+    assert len(detections.dataset["annotations"]) == summary["detections"]
+    assert {d["image_id"] for d in detections.dataset["annotations"]} <= set(gt.getImgIds())
+
+
+def test_results_mode_reproduces_the_metrics(setup, model_run):
+    root, ann, _, _ = setup
+    out, _ = model_run
+    proc = _run(["--results", str(out / "results.json"), "--ann", ann, "--output-dir", str(root / "again")])
+    metrics, again = _load(out / "metrics.json"), _load(root / "again" / "metrics.json")
+    assert again["bbox"] == metrics["bbox"] and again["segm"] == metrics["segm"]
+    assert _summary(proc)["bbox_AP"] == metrics["bbox"]["AP"]
+
+
+def test_two_processes_give_the_same_results(setup, model_run):
+    root, _, checkpoint, overrides = setup
+    out, _ = model_run
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    proc2 = _run(["--weights", checkpoint, "--output-dir", str(root / "two"), *overrides], launcher=launcher)
+    assert _load(root / "two" / "results.json") == _load(out / "results.json")
+    metrics, metrics2 = _load(out / "metrics.json"), _load(root / "two" / "metrics.json")
+    assert metrics2["bbox"] == metrics["bbox"] and metrics2["segm"] == metrics["segm"]
+    assert _summary(proc2)["images"] == 6 and proc2.stdout.count(SUMMARY_LINE) == 2  # rank 0 prints, once
+
+
+def test_zero_detections_report_zero_with_a_warning(setup):
+    root, _, checkpoint, overrides = setup
+    out = root / "zero"
+    proc = _run(["--weights", checkpoint, "--output-dir", str(out), "--max-images", "2", *overrides,
+                 "model.test.score_thresh=1.0"])  # strict >: no score passes
+    assert "no detections" in proc.stderr
+    summary = _summary(proc)
+    assert summary["images"] == 2 and summary["detections"] == 0
+    assert summary["bbox_AP"] == 0.0 and summary["segm_AP"] == 0.0
+    assert _load(out / "results.json") == []
+
+
+def test_tta_end_to_end_keeps_detections_inside_each_image(setup):
+    """--tta with two small scales (x flip = 4 views) through the whole script."""
+    root, ann, checkpoint, overrides = setup
+    out = root / "tta"
+    proc = _run(["--weights", checkpoint, "--tta", "--output-dir", str(out), "--max-images", "3", *overrides,
+                 "model.test.tta_scales=[[96,128],[160,224]]"])
+    assert "TTA" in proc.stdout
+    sizes = {img["id"]: (img["width"], img["height"]) for img in _load(ann)["images"]}
+    results = _load(out / "results.json")
+    assert results and _summary(proc)["images"] == 3
+    for r in results:
+        x, y, w, h = r["bbox"]
+        width, height = sizes[r["image_id"]]
+        assert x >= 0 and y >= 0 and x + w <= width + 1e-3 and y + h <= height + 1e-3
+        assert r["segmentation"]["size"] == [height, width]
