@@ -1,0 +1,1 @@
+"""Helpers outside the detector's data path: drawing detections and charts (``visualize``)."""

@@ -1,0 +1,280 @@
+"""Drawing with numpy + PIL only: detections over an image, and the bar charts of the IoU tool.
+
+    canvas = draw_instances(image, model([image])[0], dataset.class_names)   # (H, W, 3) uint8
+    Image.fromarray(canvas).save("detections.png")
+
+Each mask is only read inside its own bounding window, then the whole image is blended in one pass,
+so the cost grows with the objects' area plus the image size, not with (number of masks) x (image
+size): ~50 ms for 100 masks of ~170x170 px on an 800x1333 image, on one CPU core.
+"""
+import functools
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+# Saturated colours from Trubetskoy's "20 distinct colours", the pale ones left out (they vanish when
+# blended at 50% over bright pixels); neighbours in the list differ in hue, so consecutive instances do.
+PALETTE = np.array(
+    [
+        (230, 25, 75), (60, 180, 75), (255, 225, 25), (67, 99, 216), (245, 130, 49), (145, 30, 180),
+        (66, 212, 244), (240, 50, 230), (191, 239, 69), (70, 153, 144), (154, 99, 36), (128, 0, 0),
+        (128, 128, 0), (0, 0, 117), (250, 190, 212), (220, 190, 255),
+    ],
+    dtype=np.uint8,
+)
+MASK_ALPHA = 0.5
+CHART_RED = (220, 20, 20)
+
+
+@functools.lru_cache(maxsize=32)
+def get_font(size):
+    """A TrueType font of ``size`` px (Pillow's bundled one), or the fixed bitmap font without FreeType."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, OSError, TypeError, ValueError):  # Pillow built without FreeType, or < 10.1
+        return ImageFont.load_default()
+
+
+def font_size_for(height, width):
+    """Label font size: ~2% of the image's geometric mean side, never below a readable 10 px."""
+    return max(10, round(0.018 * math.sqrt(height * width)))
+
+
+def _as_hwc_uint8(image):
+    """(3, H, W) tensor (the data contract) or (H, W, 3) array -> (H, W, 3) uint8 numpy array."""
+    if torch.is_tensor(image):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a (3, H, W) image tensor, got {tuple(image.shape)}")
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image array, got {image.shape}")
+    return np.clip(image, 0, 255).astype(np.uint8) if image.dtype != np.uint8 else image
+
+
+def _numpy(value):
+    return value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+
+
+def _select(result, score_thresh):
+    """Numpy boxes (K, 4), scores, labels of the K scores >= score_thresh, their indices, and all masks.
+
+    The (D, H, W) masks are not indexed here: that would copy ~100 MB for 100 masks on 800x1333.
+    """
+    scores = _numpy(result["scores"]).astype(np.float64).reshape(-1)
+    keep = np.flatnonzero(scores >= score_thresh)
+    boxes = _numpy(result["boxes"]).reshape(-1, 4)[keep].astype(np.float64)
+    labels = _numpy(result["labels"]).reshape(-1)[keep].astype(np.int64)
+    masks = result.get("masks")
+    if masks is not None:
+        masks = _numpy(masks).astype(bool, copy=False)
+    return boxes, scores[keep], labels, keep, masks
+
+
+def _text_colour(background):
+    """Black on light backgrounds, white on dark ones (ITU-R BT.601 luma)."""
+    r, g, b = (int(c) for c in background)
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+
+
+def _erode(mask, iterations):
+    """4-neighbour binary erosion by shifted ANDs; pixels outside the array count as background."""
+    for _ in range(iterations):
+        padded = np.pad(mask, 1)
+        mask = mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask
+
+
+def _bounding_window(mask):
+    """(row slice, column slice) of the smallest window holding every pixel of ``mask``, or None."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    rows = slice(rows[0], rows[-1] + 1)
+    cols = np.flatnonzero(mask[rows].any(axis=0))  # only the band of rows: a third of the cost
+    return rows, slice(cols[0], cols[-1] + 1)
+
+
+def blend_masks(canvas, masks, colours, alpha=MASK_ALPHA, outline=1):
+    """Blend masks into ``canvas`` (H, W, 3) uint8 in place, each with its colour; later masks on top.
+
+    Args:
+        masks: sequence of (H, W) bool masks, in painting order; colours: (K, 3) uint8, one per mask.
+        outline: width in pixels of the fully opaque border drawn along each mask's edge.
+    Each mask only paints, inside its bounding window, a map of the top-most mask of each pixel and
+    its edge; then the whole image is blended at once with contiguous 8-bit fixed-point operations
+    (fancy-indexed gathers of the covered pixels were 3x slower). Where masks overlap, the top one's
+    colour shows at ``alpha`` rather than a muddy stack of colours.
+    """
+    top = np.zeros(canvas.shape[:2], dtype=np.int32)  # 0: no mask, k + 1: mask k
+    edge = np.zeros(canvas.shape[:2], dtype=bool)
+    for k, mask in enumerate(masks):
+        window = _bounding_window(mask)
+        if window is None:
+            continue
+        inside = mask[window]
+        top[window][inside] = k + 1
+        edge[window][inside] = (~_erode(inside, outline))[inside] if outline > 0 else False
+    fill = round(alpha * 256)
+    weight = np.where(top > 0, np.where(edge, np.uint16(256), np.uint16(fill)), np.uint16(0))  # (H, W)
+    table = np.concatenate([np.zeros((1, 3)), np.asarray(colours).reshape(-1, 3)]).astype(np.uint16)
+    for c in range(3):
+        colour = np.take(table[:, c], top)  # (H, W)
+        channel = canvas[..., c].astype(np.uint16)
+        canvas[..., c] = (channel * (256 - weight) + colour * weight + 128) >> 8
+
+
+def _draw_label(draw, text, box, colour, font, image_size):
+    """A filled label at the box's top-left corner, above the box or, at the top edge, just inside it."""
+    height, width = image_size
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = max(1, (bottom - top) // 6)
+    label_w, label_h = right - left + 2 * pad, bottom - top + 2 * pad
+    x = min(max(box[0], 0), max(width - label_w, 0))
+    y = box[1] - label_h if box[1] - label_h >= 0 else max(box[1], 0)
+    y = min(y, max(height - label_h, 0))
+    draw.rectangle([x, y, x + label_w - 1, y + label_h - 1], fill=tuple(int(c) for c in colour))
+    draw.text((x + pad - left, y + pad - top), text, fill=_text_colour(colour), font=font)
+    return x, y, x + label_w, y + label_h
+
+
+def draw_instances(image, result, class_names, score_thresh=0.3, alpha=MASK_ALPHA):
+    """Masks, boxes and "name 0.87" labels of the detections with score >= ``score_thresh``.
+
+    Args:
+        image: (3, H, W) uint8 tensor or (H, W, 3) uint8 RGB array.
+        result: the model's dict for this image: ``boxes`` (D, 4) xyxy, ``scores`` (D,), ``labels``
+            (D,) 0-based, optional ``masks`` (D, H, W) bool (tensors or arrays).
+        class_names: names indexed by label; a label past its end is shown as "class_<label>".
+    Returns:
+        (H, W, 3) uint8 array. Each instance has its own palette colour (by detection rank, so two
+        neighbouring objects of one class differ); larger objects are painted first so that small
+        ones stay visible on top.
+    """
+    canvas = np.array(_as_hwc_uint8(image), order="C")  # a copy: the caller's image stays as it is
+    height, width = canvas.shape[:2]
+    boxes, scores, labels, keep, masks = _select(result, score_thresh)
+    colours = PALETTE[np.arange(len(scores)) % len(PALETTE)]
+    order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), kind="stable")
+    thickness = 1 if max(height, width) < 600 else 2
+    if masks is not None and len(order):
+        if masks.shape[1:] != (height, width):
+            raise ValueError(f"masks of shape {masks.shape[1:]} for an image of {(height, width)}")
+        blend_masks(canvas, [masks[keep[i]] for i in order], colours[order], alpha, thickness)
+    canvas = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(canvas)
+    for i in order:
+        draw.rectangle([float(v) for v in boxes[i]], outline=tuple(int(c) for c in colours[i]), width=thickness)
+    font = get_font(font_size_for(height, width))
+    for i in order:
+        name = class_names[labels[i]] if 0 <= labels[i] < len(class_names) else f"class_{labels[i]}"
+        _draw_label(draw, f"{name} {scores[i]:.2f}", boxes[i].round().astype(int).tolist(), colours[i], font,
+                    (height, width))
+    return np.array(canvas)
+
+
+# --- charts ------------------------------------------------------------------------------------------
+def nice_ticks(upper, max_ticks=6):
+    """Ticks 0, s, 2s, ... covering ``upper``, with s = 1, 2 or 5 x 10^k (at most ``max_ticks`` + 1)."""
+    upper = max(float(upper), 1e-9)
+    for exponent in range(math.floor(math.log10(upper / max_ticks)), 100):
+        for base in (1, 2, 5):
+            step = base * 10.0**exponent
+            if math.ceil(upper / step - 1e-9) <= max_ticks:
+                return [step * i for i in range(math.ceil(upper / step - 1e-9) + 1)]
+    return [0.0, upper]
+
+
+def _text(draw, xy, text, font, fill, anchor="lt"):
+    """``draw.text`` with an anchor ("l"/"m"/"r" then "t"/"m"/"b") that the bitmap fallback font lacks."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x = xy[0] - left - {"l": 0, "m": (right - left) / 2, "r": right - left}[anchor[0]]
+    y = xy[1] - top - {"t": 0, "m": (bottom - top) / 2, "b": bottom - top}[anchor[1]]
+    draw.text((x, y), text, fill=fill, font=font)
+    return x + left, y + top, x + right, y + bottom
+
+
+def _format_tick(value):
+    return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
+
+
+def _draw_axes(draw, plot, edges, ticks, fonts, value_suffix):
+    """Axis lines, x ticks at the bin edges (every other one when crowded), y ticks with grid lines."""
+    left, top, right, bottom = plot
+    small = fonts["tick"]
+    to_x = lambda v: left + (v - edges[0]) / (edges[-1] - edges[0]) * (right - left)  # noqa: E731
+    to_y = lambda v: bottom - v / ticks[-1] * (bottom - top)  # noqa: E731
+    for value in ticks:
+        y = to_y(value)
+        draw.line([left, y, right, y], fill=(225, 225, 225))
+        draw.line([left - 4, y, left, y], fill=(0, 0, 0))
+        _text(draw, (left - 6, y), _format_tick(value) + value_suffix, small, (0, 0, 0), "rm")
+    label_w = max(draw.textlength(_format_tick(e), font=small) for e in edges)
+    every = 1 if label_w + 6 < (right - left) / (len(edges) - 1) else 2
+    for k, value in enumerate(edges):
+        x = to_x(value)
+        draw.line([x, bottom, x, bottom + 4], fill=(0, 0, 0))
+        if k % every == 0:
+            _text(draw, (x, bottom + 6), _format_tick(value), small, (0, 0, 0), "mt")
+    draw.line([left, top, left, bottom, right, bottom], fill=(0, 0, 0), width=1)
+    return to_x, to_y
+
+
+def _draw_markers(draw, markers, to_x, plot, font):
+    """Red dashed verticals at each x with its text near the top, staggered in rows when they overlap."""
+    left, top, right, bottom = plot
+    row_ends = []
+    for x_value, text in markers:
+        x = to_x(x_value)
+        for y in range(int(top), int(bottom), 8):
+            draw.line([x, y, x, min(y + 4, bottom)], fill=CHART_RED)
+        width = draw.textlength(text, font=font)
+        x0 = min(max(x - width / 2, left + 2), right - width - 2)
+        row = next((r for r, end in enumerate(row_ends) if x0 > end + 4), len(row_ends))
+        row_ends[row:row + 1] = [x0 + width]
+        line_h = draw.textbbox((0, 0), "0%", font=font)[3] + 4
+        box = draw.textbbox((x0, top + 3 + row * line_h), text, font=font)
+        draw.rectangle([box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1], fill=(255, 255, 255))
+        _text(draw, box[:2], text, font, CHART_RED)
+
+
+def draw_histogram(heights, edges, title="", xlabel="", ylabel="", markers=(), notes=(), size=(520, 400),
+                   colour=(67, 99, 216), value_suffix="%"):
+    """A bar chart of pre-binned values as an (H, W, 3) uint8 image (save it with PIL).
+
+    Args:
+        heights: (B,) bar heights; edges: (B + 1,) increasing bin edges (the x axis).
+        markers: (x, text) pairs: a red dashed line at x with the red text near the top of the plot.
+        notes: legend lines printed under the title (sample counts, what is left off the axis).
+        size: (width, height) in pixels; value_suffix: appended to the y tick labels.
+    """
+    width, height = size
+    heights, edges = np.asarray(heights, dtype=np.float64), np.asarray(edges, dtype=np.float64)
+    if edges.shape != (heights.size + 1,) or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"need {heights.size + 1} increasing edges for {heights.size} bars, got {edges.tolist()}")
+    base = max(11, round(height / 32))
+    fonts = {"title": get_font(base + 3), "tick": get_font(base - 1), "text": get_font(base)}
+    pil = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(pil)
+    line_h = base + 4
+    y = 6
+    _text(draw, (width / 2, y), title, fonts["title"], (0, 0, 0), "mt")
+    y += line_h + 4
+    for line in notes:
+        _text(draw, (width / 2, y), line, fonts["text"], (60, 60, 60), "mt")
+        y += line_h
+    plot = (round(base * 4.5), y + 6, width - base, height - 2 * line_h - 10)
+    ticks = nice_ticks(heights.max() * 1.25 if heights.size and heights.max() > 0 else 1.0)
+    to_x, to_y = _draw_axes(draw, plot, edges, ticks, fonts, value_suffix)
+    for value, lo, hi in zip(heights, edges[:-1], edges[1:]):
+        if value > 0:
+            draw.rectangle([to_x(lo) + 1, to_y(value), to_x(hi) - 1, plot[3] - 1], fill=colour, outline=(20, 20, 20))
+    _draw_markers(draw, markers, to_x, plot, fonts["text"])
+    _text(draw, ((plot[0] + plot[2]) / 2, height - 4), xlabel, fonts["text"], (0, 0, 0), "mb")
+    if ylabel:
+        label = Image.new("RGB", (plot[3] - plot[1], line_h), (255, 255, 255))
+        _text(ImageDraw.Draw(label), (label.width / 2, 0), ylabel, fonts["text"], (0, 0, 0), "mt")
+        pil.paste(label.rotate(90, expand=True), (2, plot[1]))
+    return np.array(pil)

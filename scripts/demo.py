@@ -1,0 +1,169 @@
+"""Run a detector on an image or a folder of images; save the drawings and the detections.
+
+    python scripts/demo.py photo.jpg --cfg configs/r50_20e.yaml --weights scnet_r50_20e.pth
+    python scripts/demo.py images/ --cfg configs/r50_20e.yaml --weights output/r50_20e/checkpoint.pth --out demo
+
+Every .jpg/.jpeg/.png/.bmp of a folder (sorted) is read as the dataset reads images (EXIF orientation
+applied, converted to RGB). For each, ``<out>/<stem>.png`` shows the masks, boxes and labels of the
+detections with score >= --score-thresh, and ``<out>/<stem>.json`` lists the same detections as COCO
+result dicts: ``bbox`` [x, y, w, h], ``score``, ``category_id``, ``category_name`` and
+``segmentation`` (RLE with str counts). There is no ``image_id``: the images are not in a dataset.
+
+Class names and COCO category ids come from the first source that has one per class:
+  1. ``--categories FILE``: any COCO annotation file with the training categories (e.g. the val
+     json, which is quicker to parse than COCO's 450 MB training json);
+  2. the training annotation file named by the checkpoint's stored config (scripts/train.py saves
+     it), else by ``--cfg``, when that file exists;
+  3. the class names stored in an official MMDetection checkpoint (category id = label);
+  4. ``class_<label>``, category id = label.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import scnet  # noqa: E402
+from scnet.config import get_cfg  # noqa: E402
+from scnet.data.checks import DataError, LoadError, category_mapping, decode_image, load_annotation_file  # noqa: E402
+from scnet.utils.visualize import draw_instances  # noqa: E402
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="an image file or a folder of images")
+    parser.add_argument("--cfg", help="YAML config (default: SCNet R-50 20e)")
+    parser.add_argument("--weights", required=True, help="our checkpoint or an official MMDetection one")
+    parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    parser.add_argument("--score-thresh", type=float, default=0.3, help="draw and save detections >= this")
+    parser.add_argument("--categories", help="COCO annotation file whose categories name the classes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    return parser.parse_intermixed_args()  # the overrides may follow the options
+
+
+def list_images(path):
+    """``[path]`` for a file, else the folder's images with a known extension, sorted by name."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no such image or folder: {path}")
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+    return [os.path.join(path, n) for n in names]
+
+
+def output_stems(paths):
+    """File stems, or the whole file name with '.' -> '_' where two images share a stem (a.jpg, a.png)."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    return [s if stems.count(s) == 1 else os.path.basename(p).replace(".", "_") for s, p in zip(stems, paths)]
+
+
+def checkpoint_metadata(path):
+    """(training config dict or None, MMDetection class names or None) stored in a local checkpoint.
+
+    mmap: the tensors are not read a second time (the model has loaded them already).
+    """
+    if not os.path.isfile(path):
+        return None, None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # a file of the pre-1.6 (non-zip) format cannot be memory-mapped
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict):
+        return None, None
+    meta = checkpoint.get("meta") or {}
+    names = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes")  # mmdet 2.x / 3.x
+    config = checkpoint.get("config")
+    return (config if isinstance(config, dict) else None), (list(names) if names else None)
+
+
+def load_categories(args, cfg, num_classes):
+    """(class names, COCO category ids, where they came from): see the module docstring for the order."""
+    stored_config, mmdet_names = checkpoint_metadata(args.weights)
+    data = stored_config["data"] if stored_config and "data" in stored_config else vars(cfg.data)
+    candidates = [args.categories] if args.categories else []
+    candidates.append(os.path.join(data["root"], data["train_annotations"]))
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        try:
+            ids, names = category_mapping(load_annotation_file(path)["categories"])
+        except DataError as e:
+            print(f"warning: {e}; not used for the class names")
+            continue
+        if len(ids) == num_classes:
+            return list(names), list(ids), path
+        print(f"warning: {path} has {len(ids)} categories, the model {num_classes} classes; not used")
+    if mmdet_names and len(mmdet_names) == num_classes:
+        return mmdet_names, list(range(num_classes)), "the checkpoint's meta (category id = label)"
+    return [f"class_{i}" for i in range(num_classes)], list(range(num_classes)), "none found (class_<label>)"
+
+
+def coco_results(result, keep, class_names, category_ids):
+    """COCO result dicts (bbox xywh, score, category_id/_name, RLE segmentation) of the ``keep`` rows."""
+    boxes, scores, labels = result["boxes"].cpu(), result["scores"].cpu(), result["labels"].cpu()
+    masks = result.get("masks")
+    detections = []
+    for i in keep.tolist():
+        x1, y1, x2, y2 = boxes[i].tolist()
+        label = int(labels[i])
+        detection = {"bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)], "score": round(float(scores[i]), 4),
+                     "category_id": category_ids[label], "category_name": class_names[label]}
+        if masks is not None:
+            rle = mask_util.encode(np.asfortranarray(masks[i].cpu().numpy().astype(np.uint8)))
+            detection["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+        detections.append(detection)
+    return detections
+
+
+def timed_inference(model, image, device):
+    """The model's result for one (H, W, 3) uint8 image, and the seconds it took."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        result = model([image])[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def main():
+    args = parse_args()
+    cfg = get_cfg(args.cfg, args.overrides)
+    device = torch.device(args.device)
+    model = scnet.build_model(cfg, weights=args.weights).to(device).eval()
+    class_names, category_ids, source = load_categories(args, cfg, cfg.model.num_classes)
+    print(f"class names and category ids: {source}")
+    paths = list_images(args.input)
+    if not paths:
+        sys.exit(f"no {'/'.join(IMAGE_EXTENSIONS)} image in {args.input}")
+    os.makedirs(args.out, exist_ok=True)
+    for path, stem in zip(paths, output_stems(paths)):
+        try:
+            image, _ = decode_image(path)
+        except LoadError as e:
+            print(f"{path}: skipped ({e})")
+            continue
+        result, model_time = timed_inference(model, image, device)
+        start = time.perf_counter()
+        drawing = draw_instances(image, result, class_names, args.score_thresh)
+        draw_time = time.perf_counter() - start
+        Image.fromarray(drawing).save(os.path.join(args.out, f"{stem}.png"))
+        keep = torch.nonzero(result["scores"] >= args.score_thresh).flatten()
+        with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
+            json.dump(coco_results(result, keep, class_names, category_ids), f)
+        print(f"{path}: {keep.numel()} detections with score >= {args.score_thresh:g} "
+              f"(of {result['scores'].numel()}); model {model_time * 1000:.0f} ms, drawing {draw_time * 1000:.0f} ms")
+    print(f"results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
