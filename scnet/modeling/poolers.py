@@ -1,7 +1,7 @@
 """RoI feature extraction: multi-level RoIAlign with FPN level mapping (spec §6)."""
 import torch
 import torch.nn as nn
-from torchvision.ops import roi_align
+from ..ops.roi_align import roi_align
 
 
 def map_levels(rois, num_levels, finest_scale=56):
