@@ -6,7 +6,8 @@
 Plain torch.distributed: torchrun's environment variables, NCCL on GPU and gloo on CPU, one process
 per GPU, SGD with the official schedule (lr 0.02 per 16 images, scaled linearly; warm-up; steps).
 Checkpoints go to ``--output-dir`` every ``train.checkpoint_period`` iterations and at the end of every
-epoch; ``--resume auto`` continues from the newest valid one, mid-epoch included.
+epoch; ``--resume auto`` continues from the newest valid one, mid-epoch included. The trained weights
+alone are written to ``model_final.pth`` at the end.
 """
 import argparse
 import os
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import scnet  # noqa: E402
-from scnet.config import dump, get_cfg  # noqa: E402
+from scnet.config import dump, get_cfg, to_dict  # noqa: E402
 from scnet.data.build import build_train_dataset, build_train_loader  # noqa: E402
 from scnet.engine import dist  # noqa: E402
 from scnet.engine.checkpoint import all_finite, list_checkpoints, resolve_resume, save_checkpoint  # noqa: E402
@@ -137,6 +138,11 @@ def main():
         logger.close()
         dist.cleanup()
         sys.exit(1)
+    if dist.is_main_process():  # the trained weights alone, for eval.py / demo.py / build_model
+        final = os.path.join(output_dir, "model_final.pth")
+        torch.save({"model": model_without_ddp.state_dict(), "config": to_dict(cfg)}, final + ".tmp")
+        os.replace(final + ".tmp", final)
+        log(f"final weights -> {final}")
     digests = dist.all_gather_object(weights_digest(model_without_ddp))
     logger.write_json({"iteration": state.iteration, "weights_sha1": digests})
     if len(set(digests)) > 1:
