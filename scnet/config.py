@@ -56,11 +56,12 @@ class RPNConfig:
 
 @dataclass
 class RoIHeadsConfig:
-    stage_ious: List[float] = field(default_factory=lambda: [0.5, 0.6, 0.7])  # §9.1
+    stage_ious: List[float] = field(default_factory=lambda: [0.5, 0.6, 0.7])  # §9.1; one per stage
     stage_loss_weights: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])  # alpha_t, eq. 3
     box_stds: List[List[float]] = field(
         default_factory=lambda: [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]]
     )
+    class_agnostic: bool = True  # 4 deltas per RoI (the cascades) instead of 4 per class (Mask R-CNN)
     batch_size_per_image: int = 512  # §9.4
     positive_fraction: float = 0.25
     fc_dim: int = 1024  # §9.3
@@ -72,9 +73,19 @@ class RoIHeadsConfig:
 
 @dataclass
 class MaskHeadConfig:
-    num_res_blocks: int = 6  # 12 convs with a skip every 2 (§11.2); width = model.fpn.out_channels
+    # "residual": SCNet's deep head, pairs of convs with a skip (§11.2); "fcn": plain convs + ReLU
+    # (Mask R-CNN, Cascade Mask R-CNN, HTC, §20)
+    type: str = "residual"
+    num_convs: int = 12  # 12 convs = 6 residual blocks (SCNet); 4 for an FCN head
+    # Which samples train the mask heads: "last_stage" = the last box stage's positives (sample
+    # consistency, SCNet §4.1), "per_stage" = head t on stage t's positives (Cascade Mask R-CNN, HTC)
+    placement: str = "last_stage"
+    num_heads: int = 1  # with last_stage: 1 is effective sample consistency, 3 the naive one (Table 3)
+    # Total mask loss weight; split over several heads in proportion to alpha_t (eq. 4: beta = sum alpha)
+    loss_weight: float = 1.75
+    info_flow: bool = False  # HTC's mask information flow between the per-stage heads
+    interleaved: bool = False  # HTC's interleaved box/mask execution (needs per_stage FCN heads)
     resolution: int = 28
-    loss_weight: float = 1.75  # beta = sum of alpha_t, eq. 4 (§11.4)
 
 
 @dataclass
@@ -83,7 +94,8 @@ class SemanticConfig:
     num_classes: int = 183  # COCO-stuff raw ids 0..181 (+1), §7
     ignore_index: int = 255
     loss_weight: float = 0.2  # gamma, eq. 3
-    num_res_blocks: int = 2  # num_convs=4 with conv_to_res (§7)
+    num_convs: int = 4  # §7
+    residual: bool = True  # SCNet pairs the convs into residual blocks; HTC's head has plain convs
     fusion_level: int = 1  # P3, stride 8
     # "valid": mean over non-ignored pixels (mmdet 2.x, which trained the released models);
     # "all": mean over all pixels, ignored ones counting 0 (mmdet 3.x). §19 row 2.

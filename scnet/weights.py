@@ -17,23 +17,28 @@ MMDET_RULES = [
     (r"rpn_head\.rpn_conv\.(weight|bias)", r"rpn.head.conv.\1"),
     (r"rpn_head\.rpn_cls\.(weight|bias)", r"rpn.head.cls_logits.\1"),
     (r"rpn_head\.rpn_reg\.(weight|bias)", r"rpn.head.bbox_pred.\1"),
-    (r"roi_head\.bbox_head\.(\d+)\.shared_fcs\.0\.(weight|bias)", r"roi_heads.box_heads.\1.fc1.\2"),
-    (r"roi_head\.bbox_head\.(\d+)\.shared_fcs\.1\.(weight|bias)", r"roi_heads.box_heads.\1.fc2.\2"),
-    (r"roi_head\.bbox_head\.(\d+)\.fc_cls\.(weight|bias)", r"roi_heads.box_heads.\1.cls_score.\2"),
-    (r"roi_head\.bbox_head\.(\d+)\.fc_reg\.(weight|bias)", r"roi_heads.box_heads.\1.bbox_pred.\2"),
-    (r"roi_head\.mask_head\.convs\.(\d+)\.(conv[12])\.(weight|bias)", r"roi_heads.mask_head.blocks.\1.\2.\3"),
-    (r"roi_head\.mask_head\.upsample\.(weight|bias)", r"roi_heads.mask_head.deconv.\1"),
-    (r"roi_head\.mask_head\.conv_logits\.(weight|bias)", r"roi_heads.mask_head.predictor.\1"),
-    (
-        r"roi_head\.semantic_head\.lateral_convs\.(\d+)\.conv\.(weight|bias)",
-        r"roi_heads.semantic_head.lateral_convs.\1.\2",
-    ),
+    # box heads: "bbox_head.{t}." in the cascades, "bbox_head." (one stage) in Mask R-CNN
+    (r"roi_head\.bbox_head\.(?:(\d+)\.)?shared_fcs\.0\.(weight|bias)", r"roi_heads.box_heads.\1.fc1.\2"),
+    (r"roi_head\.bbox_head\.(?:(\d+)\.)?shared_fcs\.1\.(weight|bias)", r"roi_heads.box_heads.\1.fc2.\2"),
+    (r"roi_head\.bbox_head\.(?:(\d+)\.)?fc_cls\.(weight|bias)", r"roi_heads.box_heads.\1.cls_score.\2"),
+    (r"roi_head\.bbox_head\.(?:(\d+)\.)?fc_reg\.(weight|bias)", r"roi_heads.box_heads.\1.bbox_pred.\2"),
+    # mask heads: SCNet's residual blocks (convs.k.conv1/conv2) or FCN convs (convs.i.conv)
+    (r"roi_head\.mask_head\.(?:(\d+)\.)?convs\.(\d+)\.(conv[12])\.(weight|bias)", r"roi_heads.mask_heads.\1.blocks.\2.\3.\4"),
+    (r"roi_head\.mask_head\.(?:(\d+)\.)?convs\.(\d+)\.conv\.(weight|bias)", r"roi_heads.mask_heads.\1.convs.\2.\3"),
+    (r"roi_head\.mask_head\.(?:(\d+)\.)?conv_res\.conv\.(weight|bias)", r"roi_heads.mask_heads.\1.info_flow.\2"),
+    (r"roi_head\.mask_head\.(?:(\d+)\.)?upsample\.(weight|bias)", r"roi_heads.mask_heads.\1.deconv.\2"),
+    (r"roi_head\.mask_head\.(?:(\d+)\.)?conv_logits\.(weight|bias)", r"roi_heads.mask_heads.\1.predictor.\2"),
+    (r"roi_head\.mask_iou_head\.(convs\.\d+|fcs\.\d+)\.(weight|bias)", r"roi_heads.mask_iou_head.\1.\2"),
+    (r"roi_head\.mask_iou_head\.fc_mask_iou\.(weight|bias)", r"roi_heads.mask_iou_head.predictor.\1"),
+    # semantic head: SCNet's residual trunk (convs.k.conv1/conv2) or HTC's plain convs (convs.i.conv)
+    (r"roi_head\.semantic_head\.lateral_convs\.(\d+)\.conv\.(weight|bias)", r"roi_heads.semantic_head.lateral_convs.\1.\2"),
     (r"roi_head\.semantic_head\.convs\.(\d+)\.(conv[12])\.(weight|bias)", r"roi_heads.semantic_head.blocks.\1.\2.\3"),
+    (r"roi_head\.semantic_head\.convs\.(\d+)\.conv\.(weight|bias)", r"roi_heads.semantic_head.convs.\1.\2"),
     (r"roi_head\.semantic_head\.conv_embedding\.conv\.(weight|bias)", r"roi_heads.semantic_head.embedding.\1"),
     (r"roi_head\.semantic_head\.conv_logits\.(weight|bias)", r"roi_heads.semantic_head.logits.\1"),
     (r"roi_head\.glbctx_head\.convs\.(\d+)\.(conv[12])\.(weight|bias)", r"roi_heads.global_context.blocks.\1.\2.\3"),
     (r"roi_head\.glbctx_head\.fc\.(weight|bias)", r"roi_heads.global_context.classifier.\1"),
-    (r"roi_head\.feat_relay_head\.fc\.(weight|bias)", r"roi_heads.feature_relay.fc.\1"),
+    (r"roi_head\.feat_relay_head\.fc\.(weight|bias)", r"roi_heads.feature_relays.0.fc.\1"),  # SCNet's one relay
 ]
 _COMPILED = [(re.compile(p), r) for p, r in MMDET_RULES]
 
@@ -41,8 +46,11 @@ _COMPILED = [(re.compile(p), r) for p, r in MMDET_RULES]
 def mmdet_to_ours(name):
     """Our parameter name for an official one, or None when no rule covers it."""
     for pattern, replacement in _COMPILED:
-        if pattern.fullmatch(name):
-            return pattern.sub(replacement, name)
+        match = pattern.fullmatch(name)
+        if match:
+            # an absent optional stage index (single-stage and single-mask-head models) is index 0
+            groups = [g if g is not None else "0" for g in match.groups()]
+            return re.sub(r"\\(\d)", lambda m: groups[int(m.group(1)) - 1], replacement)
     return None
 
 

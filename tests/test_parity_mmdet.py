@@ -48,8 +48,8 @@ class Recorder:
         self._hook(model.rpn, lambda o: self.out.update(rpn_proposals=o[0][0], rpn_proposal_scores=o[1][0]))
         self._hook(rh.semantic_head, lambda o: self.out.update(semantic_pred=o[0], semantic_feat=o[1]))
         self._hook(rh.global_context, lambda o: self.out.update(glbctx_pred=o[0], glbctx_feat=o[1]))
-        self._hook(rh.feature_relay, lambda o: self.out.update(feat_relay_out=o))
-        self._hook(rh.mask_head, lambda o: self.out.update(mask_head_in=o))
+        self._hook(rh.feature_relays[0], lambda o: self.out.update(feat_relay_out=o))
+        self._hook(rh.mask_heads[0], lambda o: self.out.update(mask_head_in=o))
         self.handles.append(rh.box_pooler.register_forward_pre_hook(lambda m, a: self._pending_rois.append(a[1])))
         for head in rh.box_heads:
             self._hook(head, lambda o: self.box_calls.append((self._pending_rois.pop(0), o)))

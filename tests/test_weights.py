@@ -63,7 +63,7 @@ def test_synthesized_official_state_dict_converts_and_loads_strictly(official_an
     assert len(set(targets)) == len(official) == len(ours)
     for key, tensor in official.items():
         assert torch.equal(ours[mmdet_to_ours(key)], tensor), key
-    assert torch.equal(model.roi_heads.feature_relay.fc.weight, official["roi_head.feat_relay_head.fc.weight"])
+    assert torch.equal(model.roi_heads.feature_relays[0].fc.weight, official["roi_head.feat_relay_head.fc.weight"])
 
 
 def test_backbone_shape_inference(official_and_model):

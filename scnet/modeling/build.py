@@ -7,8 +7,9 @@ from .neck.fpn import FPN
 from .roi_heads.box_head import BoxHead
 from .roi_heads.feature_relay import FeatureRelay
 from .roi_heads.global_context import GlobalContextHead
-from .roi_heads.mask_head import SCNetMaskHead
-from .roi_heads.scnet import SCNetRoIHeads
+from .roi_heads.cascade import CascadeRoIHeads
+from .roi_heads.htc import HTCRoIHeads
+from .roi_heads.mask_head import FCNMaskHead, SCNetMaskHead
 from .roi_heads.semantic_head import SemanticHead
 from .rpn import RPN
 
@@ -41,24 +42,55 @@ def build_rpn(m):
     )
 
 
-def build_scnet_roi_heads(m):
-    c = m.fpn.out_channels
-    r = m.roi_heads
-    box_heads = [BoxHead(c, r.box_pool_size, r.fc_dim, m.num_classes) for _ in r.stage_ious]
-    semantic = global_context = relay = None
+def mask_loss_weights(m):
+    """Weight of each mask head: the total split in proportion to alpha_t when there is one head per
+    stage (Cascade Mask R-CNN, HTC, naive sample consistency); the whole of it for a single head
+    (SCNet's beta = sum of alpha_t, eq. 4)."""
+    alphas = m.roi_heads.stage_loss_weights
+    total = m.mask_head.loss_weight
+    count = len(alphas) if m.mask_head.placement == "per_stage" else m.mask_head.num_heads
+    if count == 1:
+        return [total]
+    if count == len(alphas):
+        return [a * total / sum(alphas) for a in alphas]
+    return [total / count] * count
+
+
+def build_mask_heads(m):
+    c, h = m.fpn.out_channels, m.mask_head
+    count = len(m.roi_heads.stage_ious) if h.placement == "per_stage" else h.num_heads
+    if h.type == "residual":
+        return [SCNetMaskHead(c, h.num_convs // 2, m.num_classes) for _ in range(count)]
+    if h.type == "fcn":  # HTC's information flow enters every head but the first
+        return [FCNMaskHead(c, h.num_convs, m.num_classes, info_flow=h.info_flow and k > 0) for k in range(count)]
+    raise ValueError(f"model.mask_head.type must be 'residual' or 'fcn', got {h.type!r}")
+
+
+def build_roi_heads(m):
+    c, r = m.fpn.out_channels, m.roi_heads
+    box_heads = [BoxHead(c, r.box_pool_size, r.fc_dim, m.num_classes, r.class_agnostic) for _ in r.stage_ious]
+    mask_heads = build_mask_heads(m)
+    semantic = global_context = relays = None
     if m.semantic.enabled:
         s = m.semantic
-        semantic = SemanticHead(c, c, len(m.rpn.anchor_strides), s.fusion_level, s.num_res_blocks, s.num_classes)
+        levels = len(m.rpn.anchor_strides)
+        semantic = SemanticHead(c, c, levels, s.fusion_level, s.num_convs, s.residual, s.num_classes)
     if m.global_context.enabled:
         global_context = GlobalContextHead(c, m.global_context.num_res_blocks, m.num_classes)
     if m.feature_relay.enabled:
-        relay = FeatureRelay(r.fc_dim, c, r.box_pool_size)
-    return SCNetRoIHeads(
+        relays = [FeatureRelay(r.fc_dim, c, r.box_pool_size) for _ in mask_heads]
+    heads_class = CascadeRoIHeads
+    if m.mask_head.interleaved:
+        if m.mask_head.type != "fcn" or m.mask_head.placement != "per_stage" or relays is not None:
+            raise ValueError("model.mask_head.interleaved (HTC) needs per_stage FCN heads and no feature relay")
+        heads_class = HTCRoIHeads
+    return heads_class(
         box_heads,
-        SCNetMaskHead(c, m.mask_head.num_res_blocks, m.num_classes),
+        mask_heads,
+        mask_placement=m.mask_head.placement,
+        feature_relays=relays,
         semantic_head=semantic,
         global_context_head=global_context,
-        feature_relay=relay,
         num_classes=m.num_classes,
         stage_ious=r.stage_ious,
         stage_loss_weights=r.stage_loss_weights,
@@ -71,7 +103,7 @@ def build_scnet_roi_heads(m):
         semantic_stride=m.rpn.anchor_strides[m.semantic.fusion_level],
         box_smooth_l1_beta=r.box_smooth_l1_beta,
         mask_resolution=m.mask_head.resolution,
-        mask_loss_weight=m.mask_head.loss_weight,
+        mask_loss_weights=mask_loss_weights(m),
         semantic_loss_weight=m.semantic.loss_weight,
         semantic_ignore_index=m.semantic.ignore_index,
         semantic_loss_normalization=m.semantic.loss_normalization,
@@ -82,14 +114,15 @@ def build_scnet_roi_heads(m):
     )
 
 
-def build_scnet(cfg) -> nn.Module:
+def build_two_stage(cfg) -> nn.Module:
+    """Backbone + FPN + RPN + cascade RoI heads: every architecture of the zoo, as the config describes."""
     m = cfg.model
     backbone, neck = build_backbone_and_neck(m)
     return TwoStageDetector(
         backbone,
         neck,
         build_rpn(m),
-        build_scnet_roi_heads(m),
+        build_roi_heads(m),
         pixel_mean=m.input.pixel_mean,
         pixel_std=m.input.pixel_std,
         size_divisibility=m.input.size_divisibility,
@@ -100,7 +133,13 @@ def build_scnet(cfg) -> nn.Module:
     )
 
 
-ARCHITECTURES = {"scnet": build_scnet}
+# The architectures differ only in their configs (configs/, spec §20): one builder serves them all.
+ARCHITECTURES = {
+    "scnet": build_two_stage,
+    "mask_rcnn": build_two_stage,
+    "cascade_mask_rcnn": build_two_stage,
+    "htc": build_two_stage,
+}
 
 
 def build_detector(cfg) -> nn.Module:

@@ -100,6 +100,6 @@ class TestTimeAugmentation:
 
     def _mask_probs(self, view, boxes, labels):
         """(D, 28, 28) probabilities of each detection's class in one view, flipped back if needed."""
-        logits = self.model.roi_heads.mask_logits(view.features, [view.to_view(boxes)], view.semantic, view.context)
-        probs = logits[torch.arange(labels.numel(), device=labels.device), labels].sigmoid()
+        heads = self.model.roi_heads
+        probs = heads.mask_probs(view.features, [view.to_view(boxes)], labels, view.semantic, view.context)
         return probs.flip(-1) if view.flip else probs

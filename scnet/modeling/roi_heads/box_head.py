@@ -37,6 +37,14 @@ class BoxHead(nn.Module):
         h = F.relu(self.fc2(h))
         return self.cls_score(h), self.bbox_pred(h), h
 
+    def select_deltas(self, deltas, labels):
+        """(R, 4) deltas of each RoI's class (class-specific regression); the deltas themselves when
+        class-agnostic. Background labels (= C) are clamped: their deltas are never used."""
+        if self.class_agnostic:
+            return deltas
+        index = torch.arange(deltas.shape[0], device=deltas.device)
+        return deltas.view(deltas.shape[0], -1, 4)[index, labels.clamp(max=self.num_classes - 1)]
+
 
 def box_loss(cls_logits, deltas, labels, box_targets, beta=1.0):
     """Cross-entropy over the sampled RoIs and Smooth L1 on the positives, both divided by the number

@@ -1,6 +1,7 @@
-"""SCNet's single deep mask head (SCNet §4.1 "effective sample consistency", spec §11).
+"""Mask heads: SCNet's single deep head (SCNet §4.1 "effective sample consistency", spec §11) and the
+4-conv FCN head of Mask R-CNN / Cascade Mask R-CNN / HTC (spec §20), with HTC's mask information flow.
 
-The three 4-conv mask branches of a cascade are stacked into one 12-conv branch with a skip every two
+SCNet stacks the three 4-conv mask branches of a cascade into one 12-conv branch with a skip every two
 convs, run once, on the last stage's boxes only.
 """
 import torch
@@ -23,6 +24,39 @@ class SCNetMaskHead(nn.Module):
 
     def forward(self, x):
         return self.predictor(F.relu(self.deconv(self.blocks(x))))
+
+
+class FCNMaskHead(nn.Module):
+    """(R, C_in, 14, 14) -> ``num_convs`` x (3x3 conv + ReLU) -> deconv 2x2/2 -> ReLU -> 1x1 conv.
+
+    Args:
+        info_flow: HTC's mask information flow (HTC §3.2): the previous stage's head's last conv
+            feature, through a 1x1 conv + ReLU, is added to this head's input.
+    """
+
+    def __init__(self, in_channels=256, num_convs=4, num_classes=80, info_flow=False):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(in_channels, in_channels, 3, padding=1) for _ in range(num_convs))
+        self.deconv = nn.ConvTranspose2d(in_channels, in_channels, 2, stride=2)
+        self.predictor = nn.Conv2d(in_channels, num_classes, 1)
+        self.info_flow = nn.Conv2d(in_channels, in_channels, 1) if info_flow else None
+        for conv in [*self.convs, self.deconv, self.predictor] + ([self.info_flow] if info_flow else []):
+            kaiming_fan_out_(conv)  # mmcv ConvModule and FCNMaskHead init (§18)
+
+    def trunk(self, x, previous=None):
+        """The last conv feature (R, C_in, 14, 14); ``previous``: the previous HTC stage's trunk output."""
+        if previous is not None:
+            x = x + F.relu(self.info_flow(previous))
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return x
+
+    def logits(self, feature):
+        """Mask logits (R, num_classes, 28, 28) of a trunk output."""
+        return self.predictor(F.relu(self.deconv(feature)))
+
+    def forward(self, x, previous=None):
+        return self.logits(self.trunk(x, previous))
 
 
 def mask_loss(mask_logits, mask_targets, labels):

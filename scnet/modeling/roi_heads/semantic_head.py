@@ -14,18 +14,23 @@ class SemanticHead(nn.Module):
     Args:
         num_levels: FPN levels fused (5: P2-P6).
         fusion_level: index of the level whose size is kept (1: P3, stride 8).
+        num_convs: convs of the trunk; ``residual`` pairs them into SimplifiedBasicBlocks (SCNet),
+            otherwise they are plain 3x3 conv + ReLU layers (HTC's FusedSemanticHead).
     Returns (forward):
         logits (N, num_classes, H/8, W/8) and semantic feature (N, channels, H/8, W/8).
     """
 
-    def __init__(self, in_channels=256, channels=256, num_levels=5, fusion_level=1, num_res_blocks=2, num_classes=183):
+    def __init__(
+        self, in_channels=256, channels=256, num_levels=5, fusion_level=1, num_convs=4, residual=True, num_classes=183
+    ):
         super().__init__()
         self.fusion_level = fusion_level
         self.lateral_convs = nn.ModuleList(nn.Conv2d(in_channels, channels, 1) for _ in range(num_levels))
-        self.blocks = residual_blocks(num_res_blocks, channels)
+        self.blocks = residual_blocks(num_convs // 2, channels) if residual else None
+        self.convs = None if residual else nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_convs))
         self.logits = nn.Conv2d(channels, num_classes, 1)
         self.embedding = nn.Conv2d(channels, channels, 1)
-        for conv in [*self.lateral_convs, self.embedding, self.logits]:  # §18
+        for conv in [*self.lateral_convs, self.embedding, self.logits, *(self.convs or [])]:  # §18
             kaiming_fan_out_(conv)
 
     def forward(self, features):
@@ -36,7 +41,11 @@ class SemanticHead(nn.Module):
                 # resize *before* the lateral conv, bilinear with align_corners=True (§24.15)
                 feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=True)
                 x = x + F.relu(self.lateral_convs[i](feature))
-        x = self.blocks(x)
+        if self.blocks is not None:
+            x = self.blocks(x)
+        else:
+            for conv in self.convs:
+                x = F.relu(conv(x))
         return self.logits(x), F.relu(self.embedding(x))
 
 

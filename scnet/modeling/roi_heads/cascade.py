@@ -1,9 +1,15 @@
-"""SCNet RoI heads (SCNet §4, Fig. 2c; spec §9-§13).
+"""Cascade RoI heads: box stages, then mask branches, with the optional parts SCNet adds (spec §9-§13).
 
-Three cascade box stages (IoU 0.5/0.6/0.7), then ONE deep mask branch fed only the last stage's boxes,
-at training (its positives) and at test (the final detections): sample consistency (§4.1). Every RoI
-feature is fused with the semantic feature (HTC) and its image's global context vector (§4.2), and the
-mask feature with the last box stage's relayed feature (§4.2).
+One class builds every cascade of the model zoo from its parts:
+- Mask R-CNN: one stage, class-specific regression, one FCN mask head on that stage's positives.
+- Cascade Mask R-CNN (Cai & Vasconcelos): three stages (IoU 0.5/0.6/0.7), one FCN mask head per stage,
+  trained on that stage's positives; at test all heads run on the final boxes, probabilities averaged.
+- SCNet (§4, Fig. 2c): the same box stages, then mask heads trained on the LAST stage's positives only,
+  at training and at test: sample consistency (§4.1). One deep residual head is the "effective" form
+  (Table 3), three 4-conv heads after the last stage the "naive" form.
+- Optional parts, each on any of the above: the HTC semantic feature added to every RoI feature, the
+  global context vector of the image (§4.2, Fig. 5), and feature relay from a stage's box head into
+  the mask head trained on that stage's samples (§4.2, Fig. 4). HTC's interleaving: htc.py.
 """
 from typing import List, NamedTuple
 
@@ -34,24 +40,27 @@ class Samples(NamedTuple):
         return self.matched_gt.numel()
 
 
-class SCNetRoIHeads(nn.Module):
-    """Box cascade + single mask branch, with optional semantic, global-context and relay modules.
-
+class CascadeRoIHeads(nn.Module):
+    """
     Args:
         box_heads: one BoxHead per stage.
-        mask_head: the single SCNetMaskHead.
-        semantic_head, global_context_head, feature_relay: None switches the component off.
+        mask_heads: the mask heads; ``mask_placement`` says which samples train them:
+            "per_stage": head t on stage t's positives (len(mask_heads) == number of stages);
+            "last_stage": every head on the last stage's positives (sample consistency).
+        feature_relays: None, or one FeatureRelay per mask head (from the box head of its stage).
+        semantic_head, global_context_head: None switches the branch off.
         stage_ious, stage_loss_weights, box_stds: per stage (§9.1).
-        mask_loss_weight: beta = sum(alpha_t), eq. 4.
+        mask_loss_weights: one weight per mask head (SCNet: beta = sum(alpha_t), eq. 4).
     """
 
     def __init__(
         self,
         box_heads,
-        mask_head,
+        mask_heads,
+        mask_placement="last_stage",
+        feature_relays=None,
         semantic_head=None,
         global_context_head=None,
-        feature_relay=None,
         num_classes=80,
         stage_ious=(0.5, 0.6, 0.7),
         stage_loss_weights=(1.0, 0.5, 0.25),
@@ -64,7 +73,7 @@ class SCNetRoIHeads(nn.Module):
         semantic_stride=8,
         box_smooth_l1_beta=1.0,
         mask_resolution=28,
-        mask_loss_weight=1.75,
+        mask_loss_weights=(1.75,),
         semantic_loss_weight=0.2,
         semantic_ignore_index=255,
         semantic_loss_normalization="valid",
@@ -75,12 +84,16 @@ class SCNetRoIHeads(nn.Module):
     ):
         super().__init__()
         assert len(box_heads) == len(stage_ious) == len(stage_loss_weights) == len(box_stds)
-        assert all(h.class_agnostic for h in box_heads), "SCNet regresses class-agnostic boxes (§9.1)"
+        assert mask_placement in ("per_stage", "last_stage"), mask_placement
+        assert mask_placement == "last_stage" or len(mask_heads) == len(box_heads)
+        assert len(mask_loss_weights) == len(mask_heads)
+        assert feature_relays is None or len(feature_relays) == len(mask_heads)
         self.box_heads = nn.ModuleList(box_heads)
-        self.mask_head = mask_head
+        self.mask_heads = nn.ModuleList(mask_heads)
+        self.mask_placement = mask_placement
+        self.feature_relays = None if feature_relays is None else nn.ModuleList(feature_relays)
         self.semantic_head = semantic_head
         self.global_context = global_context_head
-        self.feature_relay = feature_relay
         self.box_pooler = MultiLevelRoIAlign(box_pool_size, finest_scale=finest_scale)
         self.mask_pooler = MultiLevelRoIAlign(mask_pool_size, finest_scale=finest_scale)
         self.semantic_pooler = MultiLevelRoIAlign(mask_pool_size, strides=(semantic_stride,))
@@ -93,7 +106,7 @@ class SCNetRoIHeads(nn.Module):
         self.box_smooth_l1_beta = box_smooth_l1_beta
         self.box_pool_size = box_pool_size
         self.mask_resolution = mask_resolution
-        self.mask_loss_weight = mask_loss_weight
+        self.mask_loss_weights = list(mask_loss_weights)
         self.semantic_loss_weight = semantic_loss_weight
         self.semantic_ignore_index = semantic_ignore_index
         self.semantic_loss_normalization = semantic_loss_normalization
@@ -106,6 +119,10 @@ class SCNetRoIHeads(nn.Module):
     def num_stages(self):
         return len(self.box_heads)
 
+    def mask_head_stage(self, k):
+        """The box stage whose samples (and relayed features) feed mask head ``k``."""
+        return k if self.mask_placement == "per_stage" else self.num_stages - 1
+
     # ----------------------------------------------------------------------------------------------
     # Training
     # ----------------------------------------------------------------------------------------------
@@ -116,8 +133,8 @@ class SCNetRoIHeads(nn.Module):
             targets: per-image dicts with ``boxes`` (G, 4), ``labels`` (G,), ``masks`` (G, h, w).
             semantic_target: (N, H/8, W/8) int64 stuff labels, when the semantic branch is on.
         Returns:
-            dict of weighted losses: s{t}.loss_cls, s{t}.loss_box, loss_mask, loss_semantic,
-            loss_global_context.
+            dict of weighted losses: s{t}.loss_cls, s{t}.loss_box, the mask losses (``loss_mask``, or
+            ``s{k}.loss_mask`` with several heads), loss_semantic, loss_global_context.
         """
         semantic, context, losses = self._semantic_and_context(features, targets, semantic_target)
         for stage in range(self.num_stages):
@@ -125,20 +142,11 @@ class SCNetRoIHeads(nn.Module):
             rois = rois_from_boxes([s.boxes for s in samples])
             cls_logits, deltas, shared = self._run_box_stage(stage, features, rois, semantic, context)
             losses.update(self._box_losses(stage, samples, cls_logits, deltas, targets))
+            for k in range(len(self.mask_heads)):
+                if self.mask_head_stage(k) == stage:
+                    losses.update(self._mask_losses(k, features, samples, rois, shared, targets, semantic, context))
             if stage < self.num_stages - 1:
                 proposals = self._refine_boxes(stage, samples, deltas, image_sizes)
-
-        # Sample consistency (§4.1): the single mask branch trains on the last stage's positives, i.e.
-        # the boxes that *enter* the last stage with IoU >= 0.7 (GT rows included), §24.13.
-        positive = torch.cat([torch.arange(len(s.labels), device=rois.device) < s.num_positive for s in samples])
-        relay = self.feature_relay(shared[positive]) if self.feature_relay is not None else None
-        mask_logits = self._run_mask_branch(features, rois[positive], semantic, context, relay)
-        targets_28 = [
-            mask_targets(t["masks"], s.boxes[: s.num_positive], s.matched_gt, self.mask_resolution)
-            for s, t in zip(samples, targets)
-        ]
-        labels = torch.cat([s.labels[: s.num_positive] for s in samples])
-        losses["loss_mask"] = self.mask_loss_weight * mask_loss(mask_logits, torch.cat(targets_28), labels)
         return losses
 
     def _semantic_and_context(self, features, targets=None, semantic_target=None):
@@ -179,21 +187,32 @@ class SCNetRoIHeads(nn.Module):
     def _box_losses(self, stage, samples, cls_logits, deltas, targets):
         labels = torch.cat([s.labels for s in samples])
         coder = self.box_coders[stage]
-        box_targets = torch.cat(
-            [
-                coder.encode(s.boxes[: s.num_positive], t["boxes"][s.matched_gt])
-                for s, t in zip(samples, targets)
-            ]
-        )
-        loss_cls, loss_box, _ = box_loss(cls_logits, deltas, labels, box_targets, self.box_smooth_l1_beta)
+        box_targets = [coder.encode(s.boxes[: s.num_positive], t["boxes"][s.matched_gt]) for s, t in zip(samples, targets)]
+        deltas = self.box_heads[stage].select_deltas(deltas, labels)
+        loss_cls, loss_box, _ = box_loss(cls_logits, deltas, labels, torch.cat(box_targets), self.box_smooth_l1_beta)
         weight = self.stage_loss_weights[stage]  # alpha_t, eq. 3
         return {f"s{stage}.loss_cls": weight * loss_cls, f"s{stage}.loss_box": weight * loss_box}
+
+    def _mask_losses(self, k, features, samples, rois, shared, targets, semantic, context):
+        """Mask head ``k`` on the positives of ``samples`` (their input boxes, §24.13)."""
+        positive = torch.cat([torch.arange(len(s.labels), device=rois.device) < s.num_positive for s in samples])
+        relay = self.feature_relays[k](shared[positive]) if self.feature_relays is not None else None
+        logits = self._run_mask_head(k, features, rois[positive], semantic, context, relay)
+        targets_28 = [
+            mask_targets(t["masks"], s.boxes[: s.num_positive], s.matched_gt, self.mask_resolution)
+            for s, t in zip(samples, targets)
+        ]
+        labels = torch.cat([s.labels[: s.num_positive] for s in samples])
+        name = "loss_mask" if len(self.mask_heads) == 1 else f"s{k}.loss_mask"
+        return {name: self.mask_loss_weights[k] * mask_loss(logits, torch.cat(targets_28), labels)}
 
     @torch.no_grad()
     def _refine_boxes(self, stage, samples, deltas, image_sizes):
         """Regress the sampled RoIs with this stage's deltas, then drop the GT rows (§9.6, §24.9)."""
+        labels = torch.cat([s.labels for s in samples])
+        deltas = self.box_heads[stage].select_deltas(deltas.detach(), labels)
         refined = []
-        for s, d, size in zip(samples, deltas.detach().split([len(s.labels) for s in samples]), image_sizes):
+        for s, d, size in zip(samples, deltas.split([len(s.labels) for s in samples]), image_sizes):
             boxes = self.box_coders[stage].decode(s.boxes, d, size)
             keep = torch.ones(len(s.labels), dtype=torch.bool, device=boxes.device)
             keep[: s.num_positive] = ~s.is_gt
@@ -212,16 +231,20 @@ class SCNetRoIHeads(nn.Module):
             x = add_context(x, context, rois)
         return self.box_heads[stage](x)
 
-    def _run_mask_branch(self, features, rois, semantic, context, relay):
-        """Pooled FPN feature + semantic + context + relayed box feature -> mask head (§2)."""
-        x = self.mask_pooler(features, rois)  # (R, 256, 14, 14)
+    def _mask_features(self, features, rois, semantic, context):
+        """Pooled FPN feature + semantic + context: the (R, 256, 14, 14) input of every mask head (§2)."""
+        x = self.mask_pooler(features, rois)
         if semantic is not None:
             x = x + self.semantic_pooler([semantic], rois)
         if context is not None:
             x = add_context(x, context, rois)
+        return x
+
+    def _run_mask_head(self, k, features, rois, semantic, context, relay):
+        x = self._mask_features(features, rois, semantic, context)
         if relay is not None:
             x = x + relay
-        return self.mask_head(x)  # (R, C, 28, 28)
+        return self.mask_heads[k](x)  # (R, C, 28, 28)
 
     # ----------------------------------------------------------------------------------------------
     # Inference
@@ -230,16 +253,15 @@ class SCNetRoIHeads(nn.Module):
         """Cascade, class-wise NMS, then the mask branch on the final detections (§13).
 
         Returns per image: ``boxes`` (D, 4) in network-input coordinates, ``scores`` (D,), ``labels``
-        (D,) and ``mask_probs`` (D, 28, 28), the sigmoid of each detection's class channel.
+        (D,) and ``mask_probs`` (D, 28, 28), each detection's class channel (mean over mask heads).
         """
         semantic, context = self.context_features(features)
         detections = []
         for boxes, scores in zip(*self.cascade(features, proposals, image_sizes, semantic, context)):
             boxes, scores, labels = multiclass_nms(boxes, scores, self.score_thresh, self.nms_iou, self.max_detections)
             detections.append({"boxes": boxes, "scores": scores, "labels": labels})
-        logits = self.mask_logits(features, [d["boxes"] for d in detections], semantic, context)
         labels = torch.cat([d["labels"] for d in detections])
-        probs = logits[torch.arange(labels.numel(), device=labels.device), labels].sigmoid()
+        probs = self.mask_probs(features, [d["boxes"] for d in detections], labels, semantic, context)
         for d, p in zip(detections, probs.split([d["boxes"].shape[0] for d in detections])):
             d["mask_probs"] = p
         return detections
@@ -251,7 +273,8 @@ class SCNetRoIHeads(nn.Module):
 
     def cascade(self, features, proposals, image_sizes, semantic, context):
         """Run the stages on all proposals (§9.7). Returns per-image lists of (R, C + 1) scores, the
-        softmax of the mean of the stages' logits (§24.6), and (R, 4) last-stage boxes, before NMS."""
+        softmax of the mean of the stages' logits (§24.6), and the last stage's boxes, (R, 4), or
+        (R, C, 4) with class-specific regression, before NMS."""
         counts = [p.shape[0] for p in proposals]
         rois = rois_from_boxes(proposals)
         stage_logits = []
@@ -259,23 +282,37 @@ class SCNetRoIHeads(nn.Module):
             cls_logits, deltas, _ = self._run_box_stage(stage, features, rois, semantic, context)
             stage_logits.append(cls_logits)
             if stage < self.num_stages - 1:
+                labels = cls_logits[:, :-1].argmax(dim=1)  # only used by class-specific regression
+                deltas = self.box_heads[stage].select_deltas(deltas, labels)
                 rois = torch.cat([rois[:, :1], self._decode(stage, rois, deltas, counts, image_sizes)], dim=1)
         scores = F.softmax(sum(stage_logits) / float(self.num_stages), dim=1)
-        boxes = self._decode(self.num_stages - 1, rois, deltas, counts, image_sizes)
+        last = self.num_stages - 1
+        if self.box_heads[last].class_agnostic:
+            boxes = self._decode(last, rois, deltas, counts, image_sizes)
+        else:  # one box per class, every one of them goes to the class-wise NMS
+            per_class = rois[:, None, :].expand(-1, self.num_classes, 5).reshape(-1, 5)
+            class_counts = [c * self.num_classes for c in counts]
+            boxes = self._decode(last, per_class, deltas.reshape(-1, 4), class_counts, image_sizes)
+            boxes = boxes.view(-1, self.num_classes, 4)
         return boxes.split(counts), scores.split(counts)
 
-    def mask_logits(self, features, boxes_per_image, semantic, context):
-        """(R, C, 28, 28) mask logits of the given boxes: the single mask branch, fed the relay of a
-        second pass of the last box head on these boxes (§24.8)."""
+    def mask_probs(self, features, boxes_per_image, labels, semantic, context):
+        """(D, 28, 28) mask probabilities of the given boxes' classes: the sigmoid of each mask head,
+        averaged over the heads; a head with feature relay gets it from a second pass of its stage's
+        box head on these boxes (§24.8)."""
         rois = rois_from_boxes(boxes_per_image)
-        relay = None
-        if self.feature_relay is not None and rois.shape[0] > 0:
-            _, _, shared = self._run_box_stage(self.num_stages - 1, features, rois, semantic, context)
-            relay = self.feature_relay(shared)
-        return self._run_mask_branch(features, rois, semantic, context, relay)
+        index = torch.arange(labels.numel(), device=labels.device)
+        total = 0
+        for k in range(len(self.mask_heads)):
+            relay = None
+            if self.feature_relays is not None and rois.shape[0] > 0:
+                _, _, shared = self._run_box_stage(self.mask_head_stage(k), features, rois, semantic, context)
+                relay = self.feature_relays[k](shared)
+            total = total + self._run_mask_head(k, features, rois, semantic, context, relay)[index, labels].sigmoid()
+        return total / len(self.mask_heads)
 
     def _decode(self, stage, rois, deltas, counts, image_sizes):
-        """Decode (R, 4) class-agnostic boxes for each image, clipped to its (h, w)."""
+        """Decode (R, 4) boxes for each image, clipped to its (h, w)."""
         coder = self.box_coders[stage]
         parts = zip(rois[:, 1:].split(counts), deltas.split(counts), image_sizes)
         return torch.cat([coder.decode(r, d, size) for r, d, size in parts])
