@@ -29,6 +29,7 @@ class BackboneConfig:
 
 @dataclass
 class FPNConfig:
+    type: str = "fpn"  # "fpn" (§4) or "pafpn" (PANet's bottom-up path augmentation, §22)
     out_channels: int = 256  # §4
 
 
@@ -62,6 +63,7 @@ class RoIHeadsConfig:
         default_factory=lambda: [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]]
     )
     class_agnostic: bool = True  # 4 deltas per RoI (the cascades) instead of 4 per class (Mask R-CNN)
+    adaptive_pooling: bool = False  # PANet §3.2: pool every RoI from every level, per-level first layers
     batch_size_per_image: int = 512  # §9.4
     positive_fraction: float = 0.25
     fc_dim: int = 1024  # §9.3
@@ -85,6 +87,7 @@ class MaskHeadConfig:
     loss_weight: float = 1.75
     info_flow: bool = False  # HTC's mask information flow between the per-stage heads
     interleaved: bool = False  # HTC's interleaved box/mask execution (needs per_stage FCN heads)
+    fc_fusion: bool = False  # PANet §3.4: a class-agnostic fc mask added to the FCN logits
     resolution: int = 28
 
 
@@ -115,6 +118,12 @@ class GlobalContextConfig:
 @dataclass
 class FeatureRelayConfig:
     enabled: bool = True  # §10
+
+
+@dataclass
+class MaskIoUConfig:
+    enabled: bool = False  # Mask Scoring R-CNN's MaskIoU head on the (last) mask head (spec §21)
+    loss_weight: float = 0.5
 
 
 @dataclass
@@ -151,6 +160,7 @@ class ModelConfig:
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     global_context: GlobalContextConfig = field(default_factory=GlobalContextConfig)
     feature_relay: FeatureRelayConfig = field(default_factory=FeatureRelayConfig)
+    mask_iou: MaskIoUConfig = field(default_factory=MaskIoUConfig)
     input: InputConfig = field(default_factory=InputConfig)
     test: TestConfig = field(default_factory=TestConfig)
 

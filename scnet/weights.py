@@ -117,6 +117,22 @@ def load_weights(model, path_or_url):
     return model
 
 
+def mmdet_config_name(state_dict):
+    """Our config (relative to configs/) of the official model a state dict comes from."""
+    keys = set(state_dict)
+    if any(k.startswith("roi_head.glbctx_head.") for k in keys):
+        return "r50_20e.yaml"  # SCNet; the backbone overrides below give R-101 / X-101
+    if any(k.startswith("roi_head.mask_iou_head.") for k in keys):
+        return "baselines/ms_rcnn_r50_1x.yaml"
+    if any(".conv_res." in k for k in keys):
+        return "baselines/htc_r50_1x.yaml"
+    if "roi_head.bbox_head.0.fc_cls.weight" in keys:
+        if any(k.startswith("roi_head.semantic_head.") for k in keys):
+            return "baselines/cascade_mask_rcnn_semantic_r50_1x.yaml"
+        return "baselines/cascade_mask_rcnn_r50_1x.yaml"
+    return "baselines/mask_rcnn_r50_1x.yaml"
+
+
 def mmdet_backbone_overrides(state_dict):
     """Config overrides that describe the backbone of an official state dict (depth, ResNeXt groups)."""
     blocks = {int(m.group(1)) for k in state_dict for m in [re.match(r"backbone\.layer3\.(\d+)\.", k)] if m}

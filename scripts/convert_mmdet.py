@@ -1,4 +1,5 @@
-"""Convert an official MMDetection SCNet checkpoint to this codebase's format.
+"""Convert an official MMDetection checkpoint (SCNet, Mask R-CNN, Cascade Mask R-CNN, HTC, MS R-CNN) to
+this codebase's format.
 
     python scripts/convert_mmdet.py scnet_r50_fpn_20e_coco-a569f645.pth scnet_r50_20e.pth [--cfg configs/r50_20e.yaml]
 
@@ -22,6 +23,7 @@ from scnet.weights import (  # noqa: E402
     extract_state_dict,
     is_mmdet_state_dict,
     mmdet_backbone_overrides,
+    mmdet_config_name,
     read_checkpoint,
 )
 
@@ -37,8 +39,11 @@ def main():
     official = extract_state_dict(raw)
     if not is_mmdet_state_dict(official):
         sys.exit(f"{args.input}: not an MMDetection detector checkpoint (no roi_head./rpn_head. keys)")
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    path = args.cfg or os.path.join(configs, mmdet_config_name(official))
     overrides = [] if args.cfg else mmdet_backbone_overrides(official)
-    cfg = scnet.get_cfg(args.cfg, overrides)
+    cfg = scnet.get_cfg(path, overrides)
+    print(f"{args.input}: checked against {path} {' '.join(overrides)}")
     model = scnet.build_model(cfg)
     try:
         state = convert_mmdet_state_dict(official, model.state_dict())

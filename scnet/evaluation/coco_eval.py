@@ -38,7 +38,8 @@ SUMMARY_ROWS = (
 def instances_to_coco(result, image_id, category_ids):
     """One image's detections (the detector's output dict) -> list of COCO result dicts.
 
-    ``result``: boxes (D, 4) xyxy, scores (D,), labels (D,) contiguous, masks (D, H, W) bool (optional).
+    ``result``: boxes (D, 4) xyxy, scores (D,), labels (D,) contiguous, masks (D, H, W) bool (optional),
+    mask_scores (D,) (optional, Mask Scoring R-CNN: kept as ``mask_score`` and used for segm AP).
     ``category_ids[label]`` is the COCO category id of a contiguous label.
     """
     boxes = _numpy(result["boxes"]).astype(np.float64).reshape(-1, 4)
@@ -58,6 +59,8 @@ def instances_to_coco(result, image_id, category_ids):
                  "bbox": [float(v) for v in xywh[i]], "score": float(scores[i])}
         if rles is not None:
             entry["segmentation"] = rles[i]
+        if "mask_scores" in result:
+            entry["mask_score"] = float(result["mask_scores"][i])
         coco.append(entry)
     return coco
 
@@ -123,8 +126,11 @@ def _evaluate_one(coco_gt, results, iou_type, image_ids):
         raise ValueError("segm evaluation needs a 'segmentation' in every result")
     # Copies: loadRes writes area/id/iscrowd into the dicts. Without "bbox", pycocotools takes the
     # mask area for the small/medium/large split of segm AP, as detectron2 and mmdet >= 2.12 do.
-    drop = {"bbox"} if iou_type == "segm" else set()
+    drop = {"bbox", "mask_score"} if iou_type == "segm" else {"mask_score"}
     detections = [{k: v for k, v in r.items() if k not in drop} for r in results]
+    if iou_type == "segm":  # Mask Scoring R-CNN: masks ranked by their own score (spec §21)
+        for d, r in zip(detections, results):
+            d["score"] = r.get("mask_score", r["score"])
     with _quiet():
         coco_dt = coco_gt.loadRes(detections) if detections else _empty_results(coco_gt)
         coco_eval = COCOeval(coco_gt, coco_dt, iou_type)

@@ -4,12 +4,14 @@ import torch.nn as nn
 from .backbone.resnet import ResNet
 from .detector import TwoStageDetector
 from .neck.fpn import FPN
+from .neck.pafpn import PAFPN
 from .roi_heads.box_head import BoxHead
 from .roi_heads.feature_relay import FeatureRelay
 from .roi_heads.global_context import GlobalContextHead
 from .roi_heads.cascade import CascadeRoIHeads
 from .roi_heads.htc import HTCRoIHeads
 from .roi_heads.mask_head import FCNMaskHead, SCNetMaskHead
+from .roi_heads.mask_iou_head import MaskIoUHead
 from .roi_heads.semantic_head import SemanticHead
 from .rpn import RPN
 
@@ -17,7 +19,10 @@ from .rpn import RPN
 def build_backbone_and_neck(m):
     b = m.backbone
     backbone = ResNet(b.depth, b.groups, b.width_per_group, b.base_channels, b.frozen_stages)
-    neck = FPN(backbone.out_channels, m.fpn.out_channels, num_extra_levels=len(m.rpn.anchor_strides) - 4)
+    necks = {"fpn": FPN, "pafpn": PAFPN}
+    if m.fpn.type not in necks:
+        raise ValueError(f"model.fpn.type must be one of {sorted(necks)}, got {m.fpn.type!r}")
+    neck = necks[m.fpn.type](backbone.out_channels, m.fpn.out_channels, num_extra_levels=len(m.rpn.anchor_strides) - 4)
     return backbone, neck
 
 
@@ -59,16 +64,20 @@ def mask_loss_weights(m):
 def build_mask_heads(m):
     c, h = m.fpn.out_channels, m.mask_head
     count = len(m.roi_heads.stage_ious) if h.placement == "per_stage" else h.num_heads
+    levels = 4 if m.roi_heads.adaptive_pooling else 0  # PANet: P2-P5
     if h.type == "residual":
-        return [SCNetMaskHead(c, h.num_convs // 2, m.num_classes) for _ in range(count)]
+        return [SCNetMaskHead(c, h.num_convs // 2, m.num_classes, levels, h.fc_fusion) for _ in range(count)]
     if h.type == "fcn":  # HTC's information flow enters every head but the first
-        return [FCNMaskHead(c, h.num_convs, m.num_classes, info_flow=h.info_flow and k > 0) for k in range(count)]
+        return [
+            FCNMaskHead(c, h.num_convs, m.num_classes, h.info_flow and k > 0, levels, h.fc_fusion) for k in range(count)
+        ]
     raise ValueError(f"model.mask_head.type must be 'residual' or 'fcn', got {h.type!r}")
 
 
 def build_roi_heads(m):
     c, r = m.fpn.out_channels, m.roi_heads
-    box_heads = [BoxHead(c, r.box_pool_size, r.fc_dim, m.num_classes, r.class_agnostic) for _ in r.stage_ious]
+    levels = 4 if r.adaptive_pooling else 1
+    box_heads = [BoxHead(c, r.box_pool_size, r.fc_dim, m.num_classes, r.class_agnostic, levels) for _ in r.stage_ious]
     mask_heads = build_mask_heads(m)
     semantic = global_context = relays = None
     if m.semantic.enabled:
@@ -79,18 +88,21 @@ def build_roi_heads(m):
         global_context = GlobalContextHead(c, m.global_context.num_res_blocks, m.num_classes)
     if m.feature_relay.enabled:
         relays = [FeatureRelay(r.fc_dim, c, r.box_pool_size) for _ in mask_heads]
+    mask_iou = MaskIoUHead(c, c, r.fc_dim, m.num_classes, r.mask_pool_size) if m.mask_iou.enabled else None
     heads_class = CascadeRoIHeads
     if m.mask_head.interleaved:
-        if m.mask_head.type != "fcn" or m.mask_head.placement != "per_stage" or relays is not None:
-            raise ValueError("model.mask_head.interleaved (HTC) needs per_stage FCN heads and no feature relay")
+        if m.mask_head.type != "fcn" or m.mask_head.placement != "per_stage" or relays or r.adaptive_pooling:
+            raise ValueError("model.mask_head.interleaved (HTC) needs per_stage FCN heads, no relay or adaptive pooling")
         heads_class = HTCRoIHeads
     return heads_class(
         box_heads,
         mask_heads,
         mask_placement=m.mask_head.placement,
         feature_relays=relays,
+        mask_iou_head=mask_iou,
         semantic_head=semantic,
         global_context_head=global_context,
+        adaptive_pooling=r.adaptive_pooling,
         num_classes=m.num_classes,
         stage_ious=r.stage_ious,
         stage_loss_weights=r.stage_loss_weights,
@@ -108,6 +120,7 @@ def build_roi_heads(m):
         semantic_ignore_index=m.semantic.ignore_index,
         semantic_loss_normalization=m.semantic.loss_normalization,
         global_context_loss_weight=m.global_context.loss_weight,
+        mask_iou_loss_weight=m.mask_iou.loss_weight,
         score_thresh=m.test.score_thresh,
         nms_iou=m.test.nms_iou,
         max_detections=m.test.max_detections,

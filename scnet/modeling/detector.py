@@ -17,6 +17,7 @@ Returns a flat dict of weighted loss tensors; their sum is the training loss.
 Inference, ``model(images)`` in eval mode: images of any sizes are resized to the test scale (keep
 ratio, official rounding, §24.21), and one dict per image comes back, in that image's pixels:
     boxes   float (D, 4) xyxy;  scores float (D,);  labels int64 (D,) 0-based;  masks bool (D, H, W)
+    mask_scores float (D,), only with a MaskIoU head (Mask Scoring R-CNN): the masks' own confidence
 ``model.inference(tensor, image_sizes, scale_factors, original_sizes)`` takes an already normalised
 and padded batch instead (e.g. the official pipeline's), which the numerical parity test uses.
 """
@@ -191,4 +192,7 @@ class TwoStageDetector(nn.Module):
         w_scale, h_scale = scale_factor
         boxes = detection["boxes"] / detection["boxes"].new_tensor([w_scale, h_scale, w_scale, h_scale])
         masks = paste_masks(detection["mask_probs"], boxes, original_size, self.mask_threshold)
-        return {"boxes": boxes, "scores": detection["scores"], "labels": detection["labels"], "masks": masks}
+        result = {"boxes": boxes, "scores": detection["scores"], "labels": detection["labels"], "masks": masks}
+        if "mask_scores" in detection:  # Mask Scoring R-CNN
+            result["mask_scores"] = detection["mask_scores"]
+        return result

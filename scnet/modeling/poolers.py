@@ -32,6 +32,13 @@ class MultiLevelRoIAlign(nn.Module):
         self.finest_scale = finest_scale
         self.sampling_ratio = sampling_ratio
 
+    def pool_all_levels(self, features, rois):
+        """(L, R, C, S, S): every RoI pooled from every level (PANet's adaptive feature pooling)."""
+        return torch.stack([
+            roi_align(f, rois, self.output_size, 1.0 / s, self.sampling_ratio, True)
+            for f, s in zip(features, self.strides)
+        ])
+
     def forward(self, features, rois):
         """features: list of at least len(strides) maps (N, C, H, W); rois: (R, 5). -> (R, C, S, S)."""
         if len(self.strides) == 1:

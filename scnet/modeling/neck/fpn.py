@@ -25,12 +25,18 @@ class FPN(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, features):
+    def top_down(self, features):
+        """Laterals merged from the top down, through the 3x3 output convs: [P2..P5]."""
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, features)]
         for i in range(len(laterals) - 1, 0, -1):
             upsampled = F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
             laterals[i - 1] = laterals[i - 1] + upsampled
-        outs = [conv(x) for conv, x in zip(self.output_convs, laterals)]
+        return [conv(x) for conv, x in zip(self.output_convs, laterals)]
+
+    def add_extra_levels(self, outs):
         for _ in range(self.num_extra_levels):
             outs.append(F.max_pool2d(outs[-1], 1, stride=2))  # a subsample, not a conv (§24.24)
         return outs
+
+    def forward(self, features):
+        return self.add_extra_levels(self.top_down(features))

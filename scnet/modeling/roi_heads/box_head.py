@@ -12,19 +12,22 @@ class BoxHead(nn.Module):
     Args:
         num_classes: foreground classes C; the classifier has C + 1 outputs, background last.
         class_agnostic: 4 deltas per RoI (SCNet and the cascades) instead of 4 per class.
+        num_levels: > 1 for PANet's adaptive feature pooling (one first fc per FPN level).
     Returns (forward):
         cls_logits (R, C + 1), deltas (R, 4 or 4C), shared feature h (R, fc_dim) (used by feature relay).
     """
 
-    def __init__(self, in_channels=256, pool_size=7, fc_dim=1024, num_classes=80, class_agnostic=True):
+    def __init__(self, in_channels=256, pool_size=7, fc_dim=1024, num_classes=80, class_agnostic=True, num_levels=1):
         super().__init__()
-        self.fc1 = nn.Linear(in_channels * pool_size * pool_size, fc_dim)
+        flat = in_channels * pool_size * pool_size
+        # PANet's adaptive feature pooling (num_levels > 1): one fc1 per FPN level, max-fused (§3.2)
+        self.fc1 = nn.Linear(flat, fc_dim) if num_levels == 1 else nn.ModuleList(nn.Linear(flat, fc_dim) for _ in range(num_levels))
         self.fc2 = nn.Linear(fc_dim, fc_dim)
         self.cls_score = nn.Linear(fc_dim, num_classes + 1)
         self.bbox_pred = nn.Linear(fc_dim, 4 if class_agnostic else 4 * num_classes)
         self.num_classes = num_classes
         self.class_agnostic = class_agnostic
-        for fc in (self.fc1, self.fc2):  # §18
+        for fc in [*(self.fc1 if num_levels > 1 else [self.fc1]), self.fc2]:  # §18
             nn.init.xavier_uniform_(fc.weight)
             nn.init.zeros_(fc.bias)
         nn.init.normal_(self.cls_score.weight, std=0.01)
@@ -33,7 +36,11 @@ class BoxHead(nn.Module):
         nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x):
-        h = F.relu(self.fc1(x.flatten(1)))
+        """x: (R, C, S, S), or (L, R, C, S, S) grids of every level with adaptive feature pooling."""
+        if isinstance(self.fc1, nn.ModuleList):
+            h = F.relu(torch.stack([fc(g.flatten(1)) for fc, g in zip(self.fc1, x)]).amax(dim=0))
+        else:
+            h = F.relu(self.fc1(x.flatten(1)))
         h = F.relu(self.fc2(h))
         return self.cls_score(h), self.bbox_pred(h), h
 

@@ -23,6 +23,7 @@ from ..poolers import MultiLevelRoIAlign, rois_from_boxes
 from .box_head import box_loss
 from .global_context import add_context, global_context_loss
 from .mask_head import mask_loss
+from .mask_iou_head import mask_iou_loss, mask_iou_targets, mask_scores
 from .sampling import assign_by_iou, sample_positive_negative
 from .semantic_head import semantic_loss
 
@@ -48,6 +49,9 @@ class CascadeRoIHeads(nn.Module):
             "per_stage": head t on stage t's positives (len(mask_heads) == number of stages);
             "last_stage": every head on the last stage's positives (sample consistency).
         feature_relays: None, or one FeatureRelay per mask head (from the box head of its stage).
+        mask_iou_head: None, or a MaskIoUHead on the last mask head (Mask Scoring R-CNN, spec §21).
+        adaptive_pooling: pool every RoI from every FPN level (PANet §3.2); the box heads and mask heads
+            must then be built with per-level first layers (``num_levels`` / ``adaptive_levels``).
         semantic_head, global_context_head: None switches the branch off.
         stage_ious, stage_loss_weights, box_stds: per stage (§9.1).
         mask_loss_weights: one weight per mask head (SCNet: beta = sum(alpha_t), eq. 4).
@@ -59,8 +63,10 @@ class CascadeRoIHeads(nn.Module):
         mask_heads,
         mask_placement="last_stage",
         feature_relays=None,
+        mask_iou_head=None,
         semantic_head=None,
         global_context_head=None,
+        adaptive_pooling=False,
         num_classes=80,
         stage_ious=(0.5, 0.6, 0.7),
         stage_loss_weights=(1.0, 0.5, 0.25),
@@ -78,6 +84,7 @@ class CascadeRoIHeads(nn.Module):
         semantic_ignore_index=255,
         semantic_loss_normalization="valid",
         global_context_loss_weight=3.0,
+        mask_iou_loss_weight=0.5,
         score_thresh=0.001,
         nms_iou=0.5,
         max_detections=100,
@@ -92,6 +99,9 @@ class CascadeRoIHeads(nn.Module):
         self.mask_heads = nn.ModuleList(mask_heads)
         self.mask_placement = mask_placement
         self.feature_relays = None if feature_relays is None else nn.ModuleList(feature_relays)
+        self.mask_iou_head = mask_iou_head
+        self.mask_iou_loss_weight = mask_iou_loss_weight
+        self.adaptive_pooling = adaptive_pooling
         self.semantic_head = semantic_head
         self.global_context = global_context_head
         self.box_pooler = MultiLevelRoIAlign(box_pool_size, finest_scale=finest_scale)
@@ -197,14 +207,29 @@ class CascadeRoIHeads(nn.Module):
         """Mask head ``k`` on the positives of ``samples`` (their input boxes, §24.13)."""
         positive = torch.cat([torch.arange(len(s.labels), device=rois.device) < s.num_positive for s in samples])
         relay = self.feature_relays[k](shared[positive]) if self.feature_relays is not None else None
-        logits = self._run_mask_head(k, features, rois[positive], semantic, context, relay)
+        x = self._fuse_levels(k, self._mask_features(features, rois[positive], semantic, context))
+        logits = self.mask_heads[k](x if relay is None else x + relay)
         targets_28 = [
             mask_targets(t["masks"], s.boxes[: s.num_positive], s.matched_gt, self.mask_resolution)
             for s, t in zip(samples, targets)
         ]
         labels = torch.cat([s.labels[: s.num_positive] for s in samples])
         name = "loss_mask" if len(self.mask_heads) == 1 else f"s{k}.loss_mask"
-        return {name: self.mask_loss_weights[k] * mask_loss(logits, torch.cat(targets_28), labels)}
+        losses = {name: self.mask_loss_weights[k] * mask_loss(logits, torch.cat(targets_28), labels)}
+        if self.mask_iou_head is not None and k == len(self.mask_heads) - 1:
+            losses["loss_mask_iou"] = self._mask_iou_loss(x, logits, labels, targets_28, samples, targets)
+        return losses
+
+    def _mask_iou_loss(self, x, logits, labels, targets_28, samples, targets):
+        """MaskIoU head on the positives' mask features and (not detached, as mmdet) predicted masks."""
+        probs = logits[torch.arange(labels.numel(), device=labels.device), labels].sigmoid()
+        predicted = self.mask_iou_head(x, probs[:, None])
+        counts = [s.num_positive for s in samples]
+        iou_targets = [
+            mask_iou_targets(p.detach(), m, s.boxes[: s.num_positive], t["masks"], s.matched_gt)
+            for p, m, s, t in zip(probs.split(counts), targets_28, samples, targets)
+        ]
+        return self.mask_iou_loss_weight * mask_iou_loss(predicted, labels, torch.cat(iou_targets))
 
     @torch.no_grad()
     def _refine_boxes(self, stage, samples, deltas, image_sizes):
@@ -222,9 +247,13 @@ class CascadeRoIHeads(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Shared by training and inference
     # ----------------------------------------------------------------------------------------------
+    def _pool(self, pooler, features, rois):
+        """(R, C, S, S) from each RoI's level, or (L, R, C, S, S) from all levels (adaptive pooling)."""
+        return pooler.pool_all_levels(features, rois) if self.adaptive_pooling else pooler(features, rois)
+
     def _run_box_stage(self, stage, features, rois, semantic, context):
         """Pooled FPN feature + semantic feature (14x14 pooled to 7x7) + context -> box head (§8, §9)."""
-        x = self.box_pooler(features, rois)  # (R, 256, 7, 7)
+        x = self._pool(self.box_pooler, features, rois)  # (R, 256, 7, 7)
         if semantic is not None:
             x = x + F.adaptive_avg_pool2d(self.semantic_pooler([semantic], rois), self.box_pool_size)
         if context is not None:
@@ -232,16 +261,22 @@ class CascadeRoIHeads(nn.Module):
         return self.box_heads[stage](x)
 
     def _mask_features(self, features, rois, semantic, context):
-        """Pooled FPN feature + semantic + context: the (R, 256, 14, 14) input of every mask head (§2)."""
-        x = self.mask_pooler(features, rois)
+        """Pooled FPN feature + semantic + context: the (R, 256, 14, 14) input of every mask head (§2);
+        (L, R, 256, 14, 14) grids of every level with adaptive pooling, see ``_fuse_levels``."""
+        x = self._pool(self.mask_pooler, features, rois)
         if semantic is not None:
             x = x + self.semantic_pooler([semantic], rois)
         if context is not None:
             x = add_context(x, context, rois)
         return x
 
+    def _fuse_levels(self, k, x):
+        """Mask head k's per-level layer and max fusion (PANet), a no-op without adaptive pooling."""
+        fusion = self.mask_heads[k].level_fusion if self.adaptive_pooling else None
+        return x if fusion is None else fusion(x)
+
     def _run_mask_head(self, k, features, rois, semantic, context, relay):
-        x = self._mask_features(features, rois, semantic, context)
+        x = self._fuse_levels(k, self._mask_features(features, rois, semantic, context))
         if relay is not None:
             x = x + relay
         return self.mask_heads[k](x)  # (R, C, 28, 28)
@@ -261,9 +296,16 @@ class CascadeRoIHeads(nn.Module):
             boxes, scores, labels = multiclass_nms(boxes, scores, self.score_thresh, self.nms_iou, self.max_detections)
             detections.append({"boxes": boxes, "scores": scores, "labels": labels})
         labels = torch.cat([d["labels"] for d in detections])
-        probs = self.mask_probs(features, [d["boxes"] for d in detections], labels, semantic, context)
-        for d, p in zip(detections, probs.split([d["boxes"].shape[0] for d in detections])):
+        boxes = [d["boxes"] for d in detections]
+        probs = self.mask_probs(features, boxes, labels, semantic, context)
+        counts = [b.shape[0] for b in boxes]
+        for d, p in zip(detections, probs.split(counts)):
             d["mask_probs"] = p
+        if self.mask_iou_head is not None:  # mask score = predicted mask IoU x box score (spec §21)
+            x = self._fuse_levels(len(self.mask_heads) - 1, self._mask_features(features, rois_from_boxes(boxes), semantic, context))
+            iou = self.mask_iou_head(x, probs[:, None])
+            for d, i in zip(detections, iou.split(counts)):
+                d["mask_scores"] = mask_scores(i, d["labels"], d["scores"])
         return detections
 
     def context_features(self, features):

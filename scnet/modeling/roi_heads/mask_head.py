@@ -9,21 +9,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import kaiming_fan_out_, residual_blocks
+from .panet import AdaptiveFusion, FullyConnectedFusion
 
 
 class SCNetMaskHead(nn.Module):
-    """(R, C_in, 14, 14) -> 6 residual blocks -> deconv 2x2/2 -> ReLU -> 1x1 conv -> (R, num_classes, 28, 28)."""
+    """(R, C_in, 14, 14) -> 6 residual blocks -> deconv 2x2/2 -> ReLU -> 1x1 conv -> (R, num_classes, 28, 28).
 
-    def __init__(self, in_channels=256, num_res_blocks=6, num_classes=80):
+    Args (PANet options, off in SCNet):
+        adaptive_levels: > 0 adds adaptive feature fusion of that many levels in front (``level_fusion``).
+        fc_fusion: add PANet's fully-connected fusion, tapping the input of the last block.
+    """
+
+    def __init__(self, in_channels=256, num_res_blocks=6, num_classes=80, adaptive_levels=0, fc_fusion=False):
         super().__init__()
+        self.level_fusion = AdaptiveFusion(in_channels, adaptive_levels) if adaptive_levels else None
         self.blocks = residual_blocks(num_res_blocks, in_channels)
         self.deconv = nn.ConvTranspose2d(in_channels, in_channels, 2, stride=2)
         self.predictor = nn.Conv2d(in_channels, num_classes, 1)
+        self.fc_fusion = FullyConnectedFusion(in_channels) if fc_fusion else None
         kaiming_fan_out_(self.deconv)  # §18
         kaiming_fan_out_(self.predictor)
 
     def forward(self, x):
-        return self.predictor(F.relu(self.deconv(self.blocks(x))))
+        if self.fc_fusion is None:
+            return self.predictor(F.relu(self.deconv(self.blocks(x))))
+        x = self.blocks[:-1](x)
+        fused = self.fc_fusion(x)
+        return self.predictor(F.relu(self.deconv(self.blocks[-1](x)))) + fused
 
 
 class FCNMaskHead(nn.Module):
@@ -32,11 +44,16 @@ class FCNMaskHead(nn.Module):
     Args:
         info_flow: HTC's mask information flow (HTC §3.2): the previous stage's head's last conv
             feature, through a 1x1 conv + ReLU, is added to this head's input.
+        adaptive_levels, fc_fusion: PANet's adaptive feature pooling and fully-connected fusion (panet.py).
     """
 
-    def __init__(self, in_channels=256, num_convs=4, num_classes=80, info_flow=False):
+    def __init__(self, in_channels=256, num_convs=4, num_classes=80, info_flow=False, adaptive_levels=0, fc_fusion=False):
         super().__init__()
+        # PANet: the first conv becomes one conv per FPN level, max-fused (adaptive feature pooling)
+        self.level_fusion = AdaptiveFusion(in_channels, adaptive_levels) if adaptive_levels else None
+        num_convs -= 1 if adaptive_levels else 0
         self.convs = nn.ModuleList(nn.Conv2d(in_channels, in_channels, 3, padding=1) for _ in range(num_convs))
+        self.fc_fusion = FullyConnectedFusion(in_channels) if fc_fusion else None
         self.deconv = nn.ConvTranspose2d(in_channels, in_channels, 2, stride=2)
         self.predictor = nn.Conv2d(in_channels, num_classes, 1)
         self.info_flow = nn.Conv2d(in_channels, in_channels, 1) if info_flow else None
@@ -51,11 +68,19 @@ class FCNMaskHead(nn.Module):
             x = F.relu(conv(x))
         return x
 
+    def _forward_fc_fusion(self, x):
+        for conv in self.convs[:-1]:
+            x = F.relu(conv(x))
+        fused = self.fc_fusion(x)  # taps the input of the last conv (PANet's conv3)
+        return self.logits(F.relu(self.convs[-1](x))) + fused
+
     def logits(self, feature):
         """Mask logits (R, num_classes, 28, 28) of a trunk output."""
         return self.predictor(F.relu(self.deconv(feature)))
 
     def forward(self, x, previous=None):
+        if self.fc_fusion is not None:
+            return self._forward_fc_fusion(x)
         return self.logits(self.trunk(x, previous))
 
 
