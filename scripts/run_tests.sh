@@ -3,7 +3,7 @@
 #
 # The numerical parity test against the official implementation needs reference dumps. When
 # SCNET_REF_DIR does not already hold them and the reference tool is found next to the repository
-# (../shared/tools/mmdet_reference, or SCNET_REF_TOOL), this script builds them first (about 4 minutes,
+# (../shared/tools/mmdet_reference, or SCNET_REF_TOOL), this script builds them first (about 7 minutes,
 # PyPI only, outside the repository). Otherwise the parity test reports itself as skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,8 @@ export SCNET_REF_ENV=${SCNET_REF_ENV:-$HOME/.cache/scnet-mmdet-ref/venv}
 TOOL=${SCNET_REF_TOOL:-$REPO/../shared/tools/mmdet_reference}
 build_reference() {
   [ -x "$SCNET_REF_ENV/bin/python" ] || bash "$TOOL/setup_refenv.sh" "$SCNET_REF_ENV"
-  for config in scnet_r50_fpn_20e_coco scnet_x101-64x4d_fpn_20e_coco; do
+  for config in scnet_r50_fpn_20e_coco scnet_x101-64x4d_fpn_20e_coco mask-rcnn_r50_fpn_1x_coco \
+      cascade-mask-rcnn_r50_fpn_1x_coco htc_r50_fpn_1x_coco ms-rcnn_r50_fpn_1x_coco; do
     [ -f "$SCNET_REF_DIR/${config}_seed0_bncalib_synth0.npz" ] ||
       (cd "$TOOL" && "$SCNET_REF_ENV/bin/python" run_ref.py --config "$config" --seed 0 --out-dir "$SCNET_REF_DIR" > /dev/null)
   done

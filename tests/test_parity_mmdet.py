@@ -15,11 +15,16 @@ import pytest
 import torch
 
 import scnet
+from scnet.modeling.roi_heads.mask_head import SCNetMaskHead
 
 REF_DIR = os.environ.get("SCNET_REF_DIR", "")
-CASES = {
+CASES = {  # official config -> ours (shared/tools/mmdet_reference builds all six)
     "scnet_r50_fpn_20e_coco": "configs/r50_20e.yaml",
     "scnet_x101-64x4d_fpn_20e_coco": "configs/x101_64x4d_20e.yaml",
+    "mask-rcnn_r50_fpn_1x_coco": "configs/baselines/mask_rcnn_r50_1x.yaml",
+    "cascade-mask-rcnn_r50_fpn_1x_coco": "configs/baselines/cascade_mask_rcnn_r50_1x.yaml",
+    "htc_r50_fpn_1x_coco": "configs/baselines/htc_r50_1x.yaml",
+    "ms-rcnn_r50_fpn_1x_coco": "configs/baselines/ms_rcnn_r50_1x.yaml",
 }
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,18 +46,37 @@ class Recorder:
         self.box_calls = []  # (rois, (cls_logits, deltas, shared)) per box-head call
         self._pending_rois = []
         self.handles = []
-        rh = model.roi_heads
+        rh = self.roi_heads = model.roi_heads
         self._hook(model.backbone, lambda o: self._levels("backbone_c", o, 2))
         self._hook(model.neck, lambda o: self._levels("fpn_p", o, 2))
         self._hook(model.rpn.head, self._rpn_head)
         self._hook(model.rpn, lambda o: self.out.update(rpn_proposals=o[0][0], rpn_proposal_scores=o[1][0]))
-        self._hook(rh.semantic_head, lambda o: self.out.update(semantic_pred=o[0], semantic_feat=o[1]))
-        self._hook(rh.global_context, lambda o: self.out.update(glbctx_pred=o[0], glbctx_feat=o[1]))
-        self._hook(rh.feature_relays[0], lambda o: self.out.update(feat_relay_out=o))
-        self._hook(rh.mask_heads[0], lambda o: self.out.update(mask_head_in=o))
+        if rh.semantic_head is not None:
+            self._hook(rh.semantic_head, lambda o: self.out.update(semantic_pred=o[0], semantic_feat=o[1]))
+        if rh.global_context is not None:
+            self._hook(rh.global_context, lambda o: self.out.update(glbctx_pred=o[0], glbctx_feat=o[1]))
+        if rh.feature_relays is not None:
+            self._hook(rh.feature_relays[0], lambda o: self.out.update(feat_relay_out=o))
+        if isinstance(rh.mask_heads[0], SCNetMaskHead) or len(rh.mask_heads) == 1:
+            self._hook(rh.mask_heads[0], lambda o: self.out.update(mask_head_in=o))  # the logits
         self.handles.append(rh.box_pooler.register_forward_pre_hook(lambda m, a: self._pending_rois.append(a[1])))
         for head in rh.box_heads:
             self._hook(head, lambda o: self.box_calls.append((self._pending_rois.pop(0), o)))
+        mask_probs = rh.mask_probs  # the probabilities given to the paste, mean over the mask heads
+
+        def recorded(*args):
+            self.out["labels"] = args[2]
+            self.out["mask_probs"] = mask_probs(*args)
+            return self.out["mask_probs"]
+
+        rh.mask_probs = recorded
+        last_logits = rh.mask_heads[-1].logits  # the last head alone (see test_masks for HTC)
+
+        def recorded_logits(feature):
+            self.out["last_head_logits"] = last_logits(feature)
+            return self.out["last_head_logits"]
+
+        rh.mask_heads[-1].logits = recorded_logits if hasattr(rh.mask_heads[-1], "logits") else last_logits
 
     def _hook(self, module, fn):
         self.handles.append(module.register_forward_hook(lambda m, i, o: fn(o)))
@@ -69,8 +93,12 @@ class Recorder:
     def close(self):
         for h in self.handles:
             h.remove()
+        del self.roi_heads.mask_probs
+        if "logits" in vars(self.roi_heads.mask_heads[-1]):
+            del self.roi_heads.mask_heads[-1].logits
+        stages = self.roi_heads.num_stages
         for s, (rois, (cls, deltas, shared)) in enumerate(self.box_calls):
-            prefix = f"stage{s}_" if s < 3 else "extra0_stage-1_"
+            prefix = f"stage{s}_" if s < stages else f"extra{s - stages}_stage-1_"
             self.out.update({prefix + "rois": rois, prefix + "cls_score": cls, prefix + "bbox_pred": deltas})
             self.out[prefix + "relayed_feat"] = shared
 
@@ -111,9 +139,9 @@ FEATURES += ["semantic_pred", "semantic_feat", "glbctx_pred", "glbctx_feat"]
 
 
 def test_features(parity):
-    """Backbone, FPN, RPN head, semantic and context outputs agree to float32 rounding."""
+    """Backbone, FPN, RPN head, semantic and context outputs (those the model has) agree to float32 rounding."""
     _, ref, ours, _ = parity
-    worst = {k: _max_rel(ref[k], ours[k]) for k in FEATURES}
+    worst = {k: _max_rel(ref[k], ours[k]) for k in FEATURES if k in ref}
     assert max(worst.values()) < 1e-5, worst
 
 
@@ -124,30 +152,46 @@ def test_proposals(parity):
     np.testing.assert_allclose(ours["rpn_proposal_scores"], ref["rpn_proposal_scores"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("stage", ["stage0", "stage1", "stage2", "extra0_stage-1"])
-def test_cascade_stages(parity, stage):
-    """Each stage's RoIs (input boxes), logits, deltas and shared feature; the relay's second pass too."""
+def test_cascade_stages(parity):
+    """Each stage's RoIs (input boxes), logits, deltas (and shared feature, SCNet); the relay pass too."""
     _, ref, ours, _ = parity
-    np.testing.assert_allclose(ours[stage + "_rois"], ref[stage + "_rois"], atol=1e-2, rtol=0)
-    for key in ("cls_score", "bbox_pred", "relayed_feat"):
-        assert _max_rel(ref[f"{stage}_{key}"], ours[f"{stage}_{key}"]) < 1e-5, key
+    stages = sorted({k[: -len("_rois")] for k in ref if k.endswith("_rois") and "stage" in k})
+    assert stages and all(f"{s}_rois" in ours for s in stages), (stages, sorted(ours))
+    for stage in stages:
+        np.testing.assert_allclose(ours[stage + "_rois"], ref[stage + "_rois"], atol=1e-2, rtol=0)
+        for key in ("cls_score", "bbox_pred", "relayed_feat"):
+            if f"{stage}_{key}" in ref:
+                assert _max_rel(ref[f"{stage}_{key}"], ours[f"{stage}_{key}"]) < 1e-5, (stage, key)
 
 
 def test_detections(parity):
-    """Same detections: count, labels, boxes within 0.01 px, scores within 1e-4."""
-    _, ref, _, result = parity
+    """Same detections: count, labels, boxes within 0.01 px, scores within 1e-4 (for Mask Scoring R-CNN
+    the official 3.x output carries the mask scores, IoU x box score)."""
+    config, ref, _, result = parity
     assert result["boxes"].shape[0] == ref["det_bboxes"].shape[0]
     np.testing.assert_array_equal(result["labels"].numpy(), ref["det_labels"])
     np.testing.assert_allclose(result["boxes"].numpy(), ref["det_bboxes"], atol=1e-2, rtol=0)
-    np.testing.assert_allclose(result["scores"].numpy(), ref["det_scores"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(result["scores"].numpy(), ref["nms_dets"][:, 4], atol=1e-4, rtol=0)
+    scores = result["mask_scores"] if "mask_scores" in result else result["scores"]
+    np.testing.assert_allclose(scores.numpy(), ref["det_scores"], atol=1e-4, rtol=0)
 
 
 def test_masks(parity):
-    """Relay output and mask logits within 1e-3 of their spread; final binary masks nearly identical."""
-    _, ref, ours, result = parity
+    """Relay output and mask logits within 1e-3 of their spread, mask probabilities (averaged over the
+    heads of Cascade Mask R-CNN and HTC) within 1e-4; final binary masks nearly identical."""
+    config, ref, ours, result = parity
     for key in ("feat_relay_out", "mask_head_in"):
-        spread = float(ref[key].std())
-        assert np.abs(ours[key] - ref[key]).max() / spread < 1e-3, key
+        if key in ours:
+            assert np.abs(ours[key] - ref[key]).max() / float(ref[key].std()) < 1e-3, key
+    if config.startswith("htc"):
+        # MMDetection 3.3.0's HTC keeps only the LAST head's masks at test (in HTCRoIHead._mask_forward,
+        # `aug_masks.append` sits outside the loop over the heads); 2.x, which trained the released
+        # models, and spec §20.1 average the three heads, as we do. So the reference equals our last
+        # head (run through the same information flow), and our averaged masks legitimately differ.
+        last = ours["last_head_logits"][np.arange(len(ours["labels"])), ours["labels"]]
+        np.testing.assert_allclose(1 / (1 + np.exp(-last)), ref["mask_probs"], atol=1e-4, rtol=0)
+        return
+    np.testing.assert_allclose(ours["mask_probs"], ref["mask_probs"], atol=1e-4, rtol=0)
     shape = tuple(ref["det_masks_shape"])
     ref_masks = np.unpackbits(ref["det_masks_packed"], axis=-1)[..., : shape[-1]].astype(bool)
     disagree = (ref_masks != result["masks"].numpy()).mean()
