@@ -17,12 +17,16 @@ import yaml
 
 @dataclass
 class BackboneConfig:
+    type: str = "resnet"  # "resnet" (§3.1) or "sc_resnet" (self-calibrated convs, Liu et al. CVPR 2020)
     depth: int = 50  # 50 or 101 (§3.1)
     groups: int = 1  # ResNeXt cardinality: 64 for X-101-64x4d (§3.2)
     width_per_group: int = 64  # ResNeXt bottleneck base width: 4 for X-101-64x4d (unused if groups=1)
     base_channels: int = 64  # stem width = layer1 planes; tiny test models use fewer
     frozen_stages: int = 1  # stem + layer1 never trained (§3.1)
-    # ImageNet weights with torchvision names (local path or URL through torch.hub's cache). Loaded by
+    deep_stem: bool = False  # sc_resnet: three 3x3 stem convs (SC-ResNet-50-v1d)
+    avg_down: bool = False  # sc_resnet: average-pool downsampling in shortcuts and blocks (SC-ResNet-50-v1d)
+    # ImageNet weights with torchvision names, or the official SC-ResNet names for sc_resnet (local path
+    # or URL through torch.hub's cache). Loaded by
     # the training script, never by build_model, so that building a model never downloads anything.
     pretrained: str = ""
 

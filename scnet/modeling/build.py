@@ -2,6 +2,7 @@
 import torch.nn as nn
 
 from .backbone.resnet import ResNet
+from .backbone.sc_resnet import SCResNet
 from .detector import TwoStageDetector
 from .neck.fpn import FPN
 from .neck.pafpn import PAFPN
@@ -16,9 +17,20 @@ from .roi_heads.semantic_head import SemanticHead
 from .rpn import RPN
 
 
+def build_backbone(b):
+    if b.type == "resnet":
+        if b.deep_stem or b.avg_down:
+            raise ValueError("model.backbone.deep_stem/avg_down apply only to type 'sc_resnet'")
+        return ResNet(b.depth, b.groups, b.width_per_group, b.base_channels, b.frozen_stages)
+    if b.type == "sc_resnet":
+        if b.groups != 1:
+            raise ValueError("sc_resnet has no ResNeXt variant: model.backbone.groups must be 1")
+        return SCResNet(b.depth, b.deep_stem, b.avg_down, b.base_channels, b.frozen_stages)
+    raise ValueError(f"model.backbone.type must be 'resnet' or 'sc_resnet', got {b.type!r}")
+
+
 def build_backbone_and_neck(m):
-    b = m.backbone
-    backbone = ResNet(b.depth, b.groups, b.width_per_group, b.base_channels, b.frozen_stages)
+    backbone = build_backbone(m.backbone)
     necks = {"fpn": FPN, "pafpn": PAFPN}
     if m.fpn.type not in necks:
         raise ValueError(f"model.fpn.type must be one of {sorted(necks)}, got {m.fpn.type!r}")

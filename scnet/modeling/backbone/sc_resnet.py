@@ -82,10 +82,10 @@ class SCBottleneck(nn.Module):
         self.bn1_a = FrozenBatchNorm2d(width)
         self.conv1_b = nn.Conv2d(in_channels, width, 1, bias=False)
         self.bn1_b = FrozenBatchNorm2d(width)
-        self.avd = avd and stride > 1
+        avd = avd and stride > 1  # official: avd and (stride > 1 or is_first); is_first is True only at stride 2
         # v1d: pool (3x3, padding 1, counts the padding, as official) after the convs instead of striding them
-        self.avd_layer = nn.AvgPool2d(3, stride, padding=1) if self.avd else None
-        conv_stride = 1 if self.avd else stride
+        self.avd_layer = nn.AvgPool2d(3, stride, padding=1) if avd else None
+        conv_stride = 1 if avd else stride
         self.k1 = nn.Sequential(
             nn.Conv2d(width, width, 3, stride=conv_stride, padding=1, bias=False), FrozenBatchNorm2d(width)
         )
