@@ -70,13 +70,15 @@ class Recorder:
             return self.out["mask_probs"]
 
         rh.mask_probs = recorded
-        last_logits = rh.mask_heads[-1].logits  # the last head alone (see test_masks for HTC)
+        last_head = rh.mask_heads[-1]
+        if hasattr(last_head, "logits"):  # FCN heads: record the last head alone (see test_masks for HTC)
+            last_logits = last_head.logits
 
-        def recorded_logits(feature):
-            self.out["last_head_logits"] = last_logits(feature)
-            return self.out["last_head_logits"]
+            def recorded_logits(feature):
+                self.out["last_head_logits"] = last_logits(feature)
+                return self.out["last_head_logits"]
 
-        rh.mask_heads[-1].logits = recorded_logits if hasattr(rh.mask_heads[-1], "logits") else last_logits
+            last_head.logits = recorded_logits
 
     def _hook(self, module, fn):
         self.handles.append(module.register_forward_hook(lambda m, i, o: fn(o)))

@@ -9,7 +9,7 @@ import torch
 import scnet
 from scnet.config import flatten, get_cfg, to_dict
 
-from conftest import CONFIGS, TINY, synthetic_sample
+from conftest import CONFIGS, TINY
 
 ALL_CONFIGS = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True))
 

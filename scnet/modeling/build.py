@@ -104,7 +104,9 @@ def build_roi_heads(m):
     heads_class = CascadeRoIHeads
     if m.mask_head.interleaved:
         if m.mask_head.type != "fcn" or m.mask_head.placement != "per_stage" or relays or r.adaptive_pooling:
-            raise ValueError("model.mask_head.interleaved (HTC) needs per_stage FCN heads, no relay or adaptive pooling")
+            raise ValueError(
+                "model.mask_head.interleaved (HTC) needs per_stage FCN heads, no relay and no adaptive pooling"
+            )
         heads_class = HTCRoIHeads
     return heads_class(
         box_heads,

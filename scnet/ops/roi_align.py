@@ -5,8 +5,9 @@ most of a training step. The bilinear weights of RoIAlign factor into a y part a
 is dropped when either coordinate is out of range), so the gradient of one RoI is
 ``Ay^T (g / count) Ax`` per channel, with Ay (bins x rows) and Ax (bins x columns) holding the summed
 sample weights inside the RoI's window: one batched matmul per chunk of RoIs, then one GEMM per RoI
-that BLAS accumulates directly into the RoI's window of a channels-last gradient. The forward pass (and so inference, and the parity with the official implementation)
-is untouched; gradients agree with torchvision's to float32 rounding.
+that BLAS accumulates directly into the RoI's window of a channels-last gradient. The forward pass
+(so inference, and the parity with the official implementation) is untouched; gradients agree with
+torchvision's to float32 rounding.
 """
 import torch
 from torchvision.ops import roi_align as tv_roi_align

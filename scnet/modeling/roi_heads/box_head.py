@@ -21,7 +21,10 @@ class BoxHead(nn.Module):
         super().__init__()
         flat = in_channels * pool_size * pool_size
         # PANet's adaptive feature pooling (num_levels > 1): one fc1 per FPN level, max-fused (§3.2)
-        self.fc1 = nn.Linear(flat, fc_dim) if num_levels == 1 else nn.ModuleList(nn.Linear(flat, fc_dim) for _ in range(num_levels))
+        if num_levels == 1:
+            self.fc1 = nn.Linear(flat, fc_dim)
+        else:
+            self.fc1 = nn.ModuleList(nn.Linear(flat, fc_dim) for _ in range(num_levels))
         self.fc2 = nn.Linear(fc_dim, fc_dim)
         self.cls_score = nn.Linear(fc_dim, num_classes + 1)
         self.bbox_pred = nn.Linear(fc_dim, 4 if class_agnostic else 4 * num_classes)

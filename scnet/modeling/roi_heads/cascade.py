@@ -197,7 +197,9 @@ class CascadeRoIHeads(nn.Module):
     def _box_losses(self, stage, samples, cls_logits, deltas, targets):
         labels = torch.cat([s.labels for s in samples])
         coder = self.box_coders[stage]
-        box_targets = [coder.encode(s.boxes[: s.num_positive], t["boxes"][s.matched_gt]) for s, t in zip(samples, targets)]
+        box_targets = [
+            coder.encode(s.boxes[: s.num_positive], t["boxes"][s.matched_gt]) for s, t in zip(samples, targets)
+        ]
         deltas = self.box_heads[stage].select_deltas(deltas, labels)
         loss_cls, loss_box, _ = box_loss(cls_logits, deltas, labels, torch.cat(box_targets), self.box_smooth_l1_beta)
         weight = self.stage_loss_weights[stage]  # alpha_t, eq. 3
@@ -302,7 +304,8 @@ class CascadeRoIHeads(nn.Module):
         for d, p in zip(detections, probs.split(counts)):
             d["mask_probs"] = p
         if self.mask_iou_head is not None:  # mask score = predicted mask IoU x box score (spec §21)
-            x = self._fuse_levels(len(self.mask_heads) - 1, self._mask_features(features, rois_from_boxes(boxes), semantic, context))
+            x = self._mask_features(features, rois_from_boxes(boxes), semantic, context)
+            x = self._fuse_levels(len(self.mask_heads) - 1, x)
             iou = self.mask_iou_head(x, probs[:, None])
             for d, i in zip(detections, iou.split(counts)):
                 d["mask_scores"] = mask_scores(i, d["labels"], d["scores"])

@@ -47,7 +47,9 @@ class FCNMaskHead(nn.Module):
         adaptive_levels, fc_fusion: PANet's adaptive feature pooling and fully-connected fusion (panet.py).
     """
 
-    def __init__(self, in_channels=256, num_convs=4, num_classes=80, info_flow=False, adaptive_levels=0, fc_fusion=False):
+    def __init__(
+        self, in_channels=256, num_convs=4, num_classes=80, info_flow=False, adaptive_levels=0, fc_fusion=False
+    ):
         super().__init__()
         # PANet: the first conv becomes one conv per FPN level, max-fused (adaptive feature pooling)
         self.level_fusion = AdaptiveFusion(in_channels, adaptive_levels) if adaptive_levels else None

@@ -27,7 +27,8 @@ class SemanticHead(nn.Module):
         self.fusion_level = fusion_level
         self.lateral_convs = nn.ModuleList(nn.Conv2d(in_channels, channels, 1) for _ in range(num_levels))
         self.blocks = residual_blocks(num_convs // 2, channels) if residual else None
-        self.convs = None if residual else nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_convs))
+        plain = None if residual else [nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_convs)]
+        self.convs = None if residual else nn.ModuleList(plain)
         self.logits = nn.Conv2d(channels, num_classes, 1)
         self.embedding = nn.Conv2d(channels, channels, 1)
         for conv in [*self.lateral_convs, self.embedding, self.logits, *(self.convs or [])]:  # §18
