@@ -1,6 +1,7 @@
 """RoI feature extraction: multi-level RoIAlign with FPN level mapping (spec §6)."""
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from ..ops.roi_align import roi_align
 
 
@@ -39,15 +40,24 @@ class MultiLevelRoIAlign(nn.Module):
             for f, s in zip(features, self.strides)
         ])
 
-    def forward(self, features, rois):
-        """features: list of at least len(strides) maps (N, C, H, W); rois: (R, 5). -> (R, C, S, S)."""
+    def forward(self, features, rois, pooled_size=None):
+        """features: list of at least len(strides) maps (N, C, H, W); rois: (R, 5). -> (R, C, S, S).
+
+        ``pooled_size``: adaptive-average-pool the (S, S) grids down to this size (done inside RoIAlign
+        when it divides S: the semantic feature of the box branch, 14x14 pooled to 7x7, spec §8).
+        """
+        size, group = self.output_size, 1
+        if pooled_size is not None and pooled_size != size[0]:
+            if size[0] % pooled_size or size[1] % pooled_size:
+                return F.adaptive_avg_pool2d(self(features, rois), pooled_size)
+            size, group = (pooled_size, pooled_size), size[0] // pooled_size
         if len(self.strides) == 1:
-            return roi_align(features[0], rois, self.output_size, 1.0 / self.strides[0], self.sampling_ratio, True)
+            return roi_align(features[0], rois, size, 1.0 / self.strides[0], self.sampling_ratio, True, group)
         levels = map_levels(rois, len(self.strides), self.finest_scale)
-        out = features[0].new_zeros((rois.shape[0], features[0].shape[1]) + self.output_size)
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1]) + size)
         for level, stride in enumerate(self.strides):
             idx = (levels == level).nonzero().view(-1)
             if idx.numel() > 0:
                 scale = 1.0 / stride
-                out[idx] = roi_align(features[level], rois[idx], self.output_size, scale, self.sampling_ratio, True)
+                out[idx] = roi_align(features[level], rois[idx], size, scale, self.sampling_ratio, True, group)
         return out

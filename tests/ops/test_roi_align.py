@@ -1,4 +1,4 @@
-"""The vectorised CPU backward of RoIAlign against torchvision's own kernel."""
+"""The separable CPU RoIAlign (forward and backward) against torchvision's own kernel."""
 import pytest
 import torch
 from torchvision.ops import roi_align as tv_roi_align
@@ -27,7 +27,8 @@ def test_gradient_matches_torchvision(aligned, sampling_ratio, output_size, scal
     theirs_in = features.clone().requires_grad_()
     ours = roi_align(ours_in, rois, output_size, scale, sampling_ratio, aligned)
     theirs = tv_roi_align(theirs_in, rois, output_size, scale, sampling_ratio, aligned)
-    assert torch.equal(ours, theirs)  # the forward is torchvision's
+    # same samples and weights, additions in another order: equal to float64 rounding
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
     ours.backward(grad_out)
     theirs.backward(grad_out)
     torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=1e-10, atol=1e-10)
@@ -39,8 +40,30 @@ def test_float32_large_map_and_empty_rois():
     out = roi_align(features, rois, (14, 14), 0.125, 0, True)
     out.sum().backward()
     reference = features.detach().clone().requires_grad_()
-    tv_roi_align(reference, rois, (14, 14), 0.125, 0, True).sum().backward()
+    expected = tv_roi_align(reference, rois, (14, 14), 0.125, 0, True)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the inference path
+        torch.testing.assert_close(roi_align(features, rois, (14, 14), 0.125, 0, True), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(features.grad, reference.grad, rtol=1e-5, atol=1e-5)
     empty = roi_align(features, rois[:0], (7, 7), 0.25)
     empty.sum().backward()
     assert empty.shape == (0, 16, 7, 7)
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_grouped_equals_roi_align_then_average_pooling(sampling_ratio):
+    """group=2 at 7x7 is RoIAlign at 14x14 followed by adaptive_avg_pool2d to 7x7, forward and backward."""
+    features = torch.randn(2, 4, 30, 41, dtype=torch.float64)
+    rois = _rois(2, 30, 41, 40, 0.125, seed=7).double()
+    grad_out = torch.randn(40, 4, 7, 7, dtype=torch.float64)
+    ours_in = features.clone().requires_grad_()
+    theirs_in = features.clone().requires_grad_()
+    ours = roi_align(ours_in, rois, (7, 7), 0.125, sampling_ratio, True, group=2)
+    theirs = torch.nn.functional.adaptive_avg_pool2d(tv_roi_align(theirs_in, rois, (14, 14), 0.125, sampling_ratio, True), 7)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    ours.backward(grad_out)
+    theirs.backward(grad_out)
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(roi_align(features, rois, (7, 7), 0.125, sampling_ratio, True, 2), theirs.detach())

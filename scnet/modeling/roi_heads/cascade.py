@@ -257,7 +257,7 @@ class CascadeRoIHeads(nn.Module):
         """Pooled FPN feature + semantic feature (14x14 pooled to 7x7) + context -> box head (§8, §9)."""
         x = self._pool(self.box_pooler, features, rois)  # (R, 256, 7, 7)
         if semantic is not None:
-            x = x + F.adaptive_avg_pool2d(self.semantic_pooler([semantic], rois), self.box_pool_size)
+            x = x + self.semantic_pooler([semantic], rois, pooled_size=self.box_pool_size)
         if context is not None:
             x = add_context(x, context, rois)
         return self.box_heads[stage](x)
