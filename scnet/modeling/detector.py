@@ -103,6 +103,13 @@ class TwoStageDetector(nn.Module):
         """[P2, P3, P4, P5, P6] of a normalised, padded (N, 3, H, W) batch."""
         return self.neck(self.backbone(tensor))
 
+    def roi_features(self, features):
+        """The FPN levels as the RoI heads read them: on the CPU, channels-last, which our RoIAlign reads
+        in place (scnet/ops/roi_align.py), converted once rather than in each pooling of the cascade."""
+        if features[0].device.type != "cpu":
+            return features
+        return [f.contiguous(memory_format=torch.channels_last) for f in features]
+
     # ----------------------------------------------------------------------------------------------
     def forward_train(self, images, targets):
         if len(images) != len(targets):
@@ -118,6 +125,7 @@ class TwoStageDetector(nn.Module):
         semantic_target = None
         if self.roi_heads.semantic_head is not None:
             semantic_target = self._semantic_target(targets, batch.tensor.shape[-2:])
+        features = self.roi_features(features)
         losses.update(self.roi_heads.forward_train(features, proposals, batch.image_sizes, targets, semantic_target))
         return losses
 
@@ -184,7 +192,7 @@ class TwoStageDetector(nn.Module):
         original_sizes = original_sizes or image_sizes
         features = self.extract_features(tensor)
         proposals, _, _ = self.rpn(features, image_sizes)
-        detections = self.roi_heads.predict(features, proposals, image_sizes)
+        detections = self.roi_heads.predict(self.roi_features(features), proposals, image_sizes)
         return [self.postprocess(d, s, o) for d, s, o in zip(detections, scale_factors, original_sizes)]
 
     def postprocess(self, detection, scale_factor, original_size):
