@@ -229,3 +229,27 @@ def test_one_and_two_processes_agree(val_with_bad_image, tmp_path):
     assert gathered["image_ids"] == info["image_ids"]
     assert gathered["results"] == json.loads(json.dumps(results))
     assert gathered["metrics"] == json.loads(json.dumps(metrics))
+
+
+def test_encode_masks_equals_pycocotools_encode():
+    """Runs counted on the span of used columns give pycocotools' own RLE, edge cases included."""
+    import pycocotools.mask as mask_util
+
+    from scnet.evaluation.coco_eval import encode_masks
+
+    rng = np.random.RandomState(0)
+    h, w = 37, 53
+    masks = np.zeros((9, h, w), dtype=bool)
+    masks[1] = True  # full
+    masks[2, 0, 0] = True  # first pixel
+    masks[3, -1, -1] = True  # last pixel
+    masks[4, :, 0] = True  # first column only
+    masks[5, 5:9, w - 1] = True  # last column only
+    masks[6, 3:20, 10:30] = rng.rand(17, 20) > 0.5  # noisy blob inside
+    masks[7, :, 12:40] = True  # full-height band
+    masks[8] = rng.rand(h, w) > 0.7  # everywhere
+    expected = mask_util.encode(np.asfortranarray(masks.astype(np.uint8).transpose(1, 2, 0)))
+    ours = encode_masks(masks)
+    for i, (a, b) in enumerate(zip(ours, expected)):
+        assert a["counts"] == b["counts"].decode("ascii") and list(a["size"]) == list(b["size"]), i
+    assert encode_masks(np.zeros((0, h, w), dtype=bool)) == []

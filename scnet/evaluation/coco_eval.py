@@ -19,6 +19,7 @@ import json
 import warnings
 
 import numpy as np
+import torch
 import pycocotools.mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -66,16 +67,47 @@ def instances_to_coco(result, image_id, category_ids):
 
 
 def encode_masks(masks):
-    """(D, H, W) binary masks -> D compressed RLEs with str counts, in one pycocotools call."""
-    # pycocotools reads an (H, W, D) Fortran-ordered uint8 array: column-major runs, one RLE per slice
-    rles = mask_util.encode(np.asfortranarray(masks.astype(np.uint8).transpose(1, 2, 0)))
-    for rle in rles:
+    """(D, H, W) binary masks -> D compressed RLEs with str counts, equal to pycocotools' ``encode``.
+
+    COCO's RLE runs column by column, so the columns a mask leaves empty only lengthen its first and last
+    runs: the runs are counted on the span of non-empty columns alone (a detection's mask fills a small
+    part of the image) and pycocotools compresses them.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    d, h, w = masks.shape
+    used = masks.any(axis=1)  # (D, W): columns holding a pixel
+    rles = []
+    for i in range(d):
+        columns = np.flatnonzero(used[i])
+        if columns.size == 0:
+            runs = [h * w]
+        else:
+            c0, c1 = int(columns[0]), int(columns[-1]) + 1
+            runs = _column_major_runs(masks[i, :, c0:c1])
+            runs[0] += c0 * h  # empty columns before the span: more zeros in the first run
+            if len(runs) % 2:  # the last run is zeros: empty columns after the span lengthen it
+                runs[-1] += (w - c1) * h
+            elif c1 < w:
+                runs.append((w - c1) * h)
+        rle = mask_util.frPyObjects({"counts": runs, "size": [h, w]}, h, w)
         rle["counts"] = rle["counts"].decode("ascii")  # bytes -> str, as COCO's JSON files store it
+        rles.append(rle)
     return rles
 
 
+def _column_major_runs(mask):
+    """Run lengths of a binary (H, W) mask read column by column, starting with a (maybe empty) zero run."""
+    flat = mask.T.reshape(-1)
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    return [0] + runs if flat[0] else runs
+
+
 def _numpy(x):
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    if hasattr(x, "detach"):
+        x = x.detach()
+        return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).cpu().numpy()
+    return np.asarray(x)
 
 
 # --- pycocotools evaluation --------------------------------------------------------------------------

@@ -198,9 +198,10 @@ class TwoStageDetector(nn.Module):
     def postprocess(self, detection, scale_factor, original_size):
         """Network-input boxes -> original pixels (per-axis scale), masks pasted at the original size (§14)."""
         w_scale, h_scale = scale_factor
-        boxes = detection["boxes"] / detection["boxes"].new_tensor([w_scale, h_scale, w_scale, h_scale])
-        masks = paste_masks(detection["mask_probs"], boxes, original_size, self.mask_threshold)
-        result = {"boxes": boxes, "scores": detection["scores"], "labels": detection["labels"], "masks": masks}
+        boxes = detection["boxes"].float()  # float32 results under autocast too
+        boxes = boxes / boxes.new_tensor([w_scale, h_scale, w_scale, h_scale])
+        masks = paste_masks(detection["mask_probs"].float(), boxes, original_size, self.mask_threshold)
+        result = {"boxes": boxes, "scores": detection["scores"].float(), "labels": detection["labels"], "masks": masks}
         if "mask_scores" in detection:  # Mask Scoring R-CNN
-            result["mask_scores"] = detection["mask_scores"]
+            result["mask_scores"] = detection["mask_scores"].float()
         return result

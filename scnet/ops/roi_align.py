@@ -21,6 +21,9 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=0, alig
     ``group`` x ``group`` average pooling: ``group=2`` with ``output_size=7`` is RoIAlign at 14x14 then
     ``adaptive_avg_pool2d`` to 7x7 (the semantic feature of the box branch, spec §8), fused on the CPU."""
     output_size = tuple(output_size)
+    if features.device.type == "cpu" and features.dtype in (torch.bfloat16, torch.float16):
+        # autocast: pool in float32, as torchvision's autocast rule does, but with the fast CPU kernel
+        return roi_align(features.float(), rois.float(), output_size, spatial_scale, sampling_ratio, aligned, group)
     if features.device.type != "cpu" or features.dtype not in (torch.float32, torch.float64):
         full = (output_size[0] * group, output_size[1] * group)
         out = tv_roi_align(features, rois, full, spatial_scale, sampling_ratio, aligned)

@@ -1,0 +1,447 @@
+"""Speed and memory of any configs: inference split into network and post-processing, and training.
+
+    python scripts/benchmark.py                                   # SCNet R-50, CPU, 2 threads, fp32
+    python scripts/benchmark.py --configs configs/r50_20e.yaml configs/baselines/cascade_mask_rcnn_semantic_r50_1x.yaml
+    python scripts/benchmark.py --device cuda --dtypes fp32 bf16 --image-size 800 1333 --batch 2 --train-size 800 1333
+    python scripts/benchmark.py --official                        # + the official implementation, same image/weights
+
+Inference: one image (the reference tool's synthetic 800x1216 image when its dumps are found, else a
+generated one), resized and padded as in evaluation; ``model.test.score_thresh=0`` so that the
+realistic 100 detections reach the mask branch, as in the official timing. Reported per image: the
+end-to-end time (network, NMS, mask paste and RLE encoding), the network alone, and each
+post-processing step, images/s and peak memory. Training: forward + backward + SGD step on a fixed
+batch (data excluded) and through the real data loader on a generated COCO dataset (data included).
+
+Weights: seeded random init with every BatchNorm given non-trivial affine parameters and then
+calibrated on the benchmark image (the reference tool's procedure), so activations and scores are
+realistic. With ``--reference-dir`` (default ``~/.cache/scnet-mmdet-ref/data``) the official models'
+seeded weights from the reference dumps are used instead, so ``--official`` times both
+implementations on the same image and weights, in one run.
+
+Warm-up runs, then the median (and min-max spread) of ``--runs``. A Markdown table goes to stdout, the
+machine and versions in its header; all numbers go to ``--json``.
+"""
+import argparse
+import contextlib
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import scnet  # noqa: E402
+import scnet.modeling.roi_heads.cascade as cascade_module  # noqa: E402
+from scnet.config import get_cfg  # noqa: E402
+from scnet.evaluation.coco_eval import instances_to_coco  # noqa: E402
+from scnet.modeling.backbone.resnet import FrozenBatchNorm2d  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OFFICIAL_NAMES = {  # our config -> the official config whose seeded reference weights we can load
+    "configs/r50_20e.yaml": "scnet_r50_fpn_20e_coco",
+    "configs/x101_64x4d_20e.yaml": "scnet_x101-64x4d_fpn_20e_coco",
+    "configs/baselines/mask_rcnn_r50_1x.yaml": "mask-rcnn_r50_fpn_1x_coco",
+    "configs/baselines/cascade_mask_rcnn_r50_1x.yaml": "cascade-mask-rcnn_r50_fpn_1x_coco",
+    "configs/baselines/htc_r50_1x.yaml": "htc_r50_fpn_1x_coco",
+    "configs/baselines/ms_rcnn_r50_1x.yaml": "ms-rcnn_r50_fpn_1x_coco",
+}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=["configs/r50_20e.yaml"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (the official timing used 2)")
+    p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=sorted(DTYPES), help="fp32 and/or autocast")
+    p.add_argument("--image-size", type=int, nargs=2, default=[800, 1216], metavar=("H", "W"))
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-inference", action="store_true")
+    p.add_argument("--train", action="store_true", help="also time training steps")
+    p.add_argument("--train-configs", nargs="*", help="configs to train (default: the first of --configs)")
+    p.add_argument("--train-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=2, help="training images per step")
+    p.add_argument("--workers", type=int, default=2, help="data-loader workers for the data-included time")
+    p.add_argument("--reference-dir", default=os.path.expanduser("~/.cache/scnet-mmdet-ref/data"))
+    p.add_argument("--official", action="store_true", help="also run the reference tool's time_ref.py")
+    p.add_argument("--reference-tool", default=os.path.join(ROOT, "..", "shared", "tools", "mmdet_reference"))
+    p.add_argument("--reference-env", default=os.path.expanduser("~/.cache/scnet-mmdet-ref/venv"))
+    p.add_argument("--json", default="benchmark.json")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights and inputs
+# --------------------------------------------------------------------------------------------------
+def benchmark_image(args):
+    """(3, H, W) uint8 RGB: the reference tool's synthetic image when its dump is at hand, else ours."""
+    h, w = args.image_size
+    path = os.path.join(args.reference_dir, "scnet_r50_fpn_20e_coco_seed0_bncalib_synth0.npz")
+    if os.path.exists(path):
+        image = np.load(path)["image_bgr"][:, :, ::-1]
+        if image.shape[:2] == (h, w):
+            return torch.from_numpy(image.copy()).permute(2, 0, 1), "reference synthetic_image(0)"
+    rng = np.random.RandomState(0)
+    low = torch.from_numpy(rng.rand(1, 3, h // 32, w // 32).astype(np.float32))
+    image = torch.nn.functional.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)[0] * 200 + 20
+    for _ in range(12):  # coloured rectangles, as the reference tool's image
+        y, x = rng.randint(0, max(h - 64, 1)), rng.randint(0, max(w - 64, 1))
+        bh, bw = rng.randint(1, max(h // 3, 2)), rng.randint(1, max(w // 3, 2))
+        image[:, y : y + bh, x : x + bw] = torch.tensor(rng.randint(0, 256, 3), dtype=torch.float32)[:, None, None]
+    image = image + torch.from_numpy(rng.randn(3, h, w).astype(np.float32)) * 8
+    return image.clamp(0, 255).to(torch.uint8), "generated"
+
+
+def perturb_and_calibrate(model, image, seed=0):
+    """Non-trivial BatchNorm affine parameters, then running statistics set to the statistics of
+    ``image``'s own activations, layer by layer (the reference tool's ``calibrate_bn``)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    norms = [m for m in model.modules() if isinstance(m, (FrozenBatchNorm2d, torch.nn.modules.batchnorm._BatchNorm))]
+    with torch.no_grad():
+        for m in norms:
+            c = m.weight.numel()
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+
+    def calibrate(module, inputs):
+        x = inputs[0].detach().float()
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3)))
+
+    handles = [m.register_forward_pre_hook(calibrate) for m in norms]
+    try:
+        model.predict([image])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def build(config, args, image):
+    """The model of ``config`` on the device, seeded weights; returns (model, weights description)."""
+    overrides = ["model.test.score_thresh=0.0"]  # the realistic 100 detections reach the mask branch
+    official = OFFICIAL_NAMES.get(os.path.relpath(os.path.abspath(config), ROOT))
+    pth = official and os.path.join(args.reference_dir, f"{official}_seed0_bncalib_synth0.pth")
+    torch.manual_seed(0)
+    if pth and os.path.exists(pth):
+        model = scnet.build_model(config, weights=pth, overrides=overrides).eval()
+        weights = f"reference {official} seed 0, calibrated BN"
+    else:
+        model = scnet.build_model(config, overrides=overrides).eval()
+        perturb_and_calibrate(model, image)
+        weights = "seed 0, calibrated BN"
+    return model.to(args.device), weights
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurement helpers
+# --------------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or the process's peak resident set on Linux
+    (VmHWM, reset through /proc/self/clear_refs; the whole process, weights included)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak_mb = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            with contextlib.suppress(OSError), open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        self.peak_mb = int(line.split()[1]) / 1024
+        return False
+
+
+class PartTimer:
+    """Wall time of the post-processing steps inside the model: NMS and mask pasting."""
+
+    def __init__(self, model, device):
+        self.device = torch.device(device)
+        self.seconds = {}
+        self._undo = []
+        self._wrap(cascade_module, "multiclass_nms", "nms")  # HTC's predict is the cascade's
+        self._wrap(model, "postprocess", "paste")
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _wrap(self, owner, name, label):
+        original, own = getattr(owner, name), name in vars(owner)
+
+        @functools.wraps(original)
+        def timed(*a, **k):
+            self._sync()
+            t = time.perf_counter()
+            out = original(*a, **k)
+            self._sync()
+            self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t
+            return out
+
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, original, own))
+
+    def close(self):
+        for owner, name, original, own in reversed(self._undo):
+            if own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def autocast(device, dtype):
+    if DTYPES[dtype] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[dtype])
+
+
+def dtype_supported(device, dtype):
+    if DTYPES[dtype] is None:
+        return True
+    if torch.device(device).type == "cuda":
+        return dtype != "bf16" or torch.cuda.is_bf16_supported()
+    return dtype == "bf16" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------------
+def time_inference(model, image, args, dtype):
+    timer = PartTimer(model, args.device)
+    rows = []
+    try:
+        for i in range(args.warmup + args.runs):
+            timer.seconds = {}
+            with PeakMemory(args.device) as memory, torch.no_grad(), autocast(args.device, dtype):
+                timer._sync()
+                t0 = time.perf_counter()
+                result = model.predict([image.to(args.device)])[0]
+                timer._sync()
+                t1 = time.perf_counter()
+                instances_to_coco(result, 0, list(range(1, 200)))  # RLE-encode the masks, as evaluation does
+                t2 = time.perf_counter()
+            if i >= args.warmup:
+                paste, nms = timer.seconds.get("paste", 0.0), timer.seconds.get("nms", 0.0)
+                rows.append({"e2e": t2 - t0, "network": t1 - t0 - paste - nms, "nms": nms, "paste": paste,
+                             "rle": t2 - t1, "model_and_paste": t1 - t0, "peak_mb": memory.peak_mb,
+                             "detections": int(result["scores"].numel())})
+    finally:
+        timer.close()
+    out = {k: summary([r[k] for r in rows]) for k in rows[0] if k not in ("peak_mb", "detections")}
+    out["images_per_s"] = 1.0 / out["e2e"]["median"]
+    out["peak_mb"] = max(r["peak_mb"] or 0 for r in rows) or None
+    out["detections"] = rows[-1]["detections"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+def training_data(args, cfg, workdir):
+    """A DataLoader over a generated COCO dataset of ``--train-size`` images with stuff maps."""
+    from scnet.data.build import build_train_loader
+    from scnet.data.coco import CocoDataset
+    from scnet.data.synthetic import make_synthetic_coco
+
+    h, w = args.train_size
+    n = args.batch * (args.warmup + args.runs + 1)
+    ann = make_synthetic_coco(workdir, n, seed=0, size=(min(h, w), max(h, w)), num_classes=3)
+    dataset = CocoDataset(
+        ann, os.path.join(workdir, "train"), stuff_dir=os.path.join(workdir, "stuffthingmaps", "train"),
+        semantic_source="stuff_maps" if cfg.model.semantic.enabled else "none",
+        num_semantic_classes=cfg.model.semantic.num_classes, train_scale=(max(h, w), min(h, w)),
+    )
+    return build_train_loader(dataset, args.batch, seed=0, num_workers=args.workers)
+
+
+def _to_device(batch, device):
+    images, targets = batch
+    images = [im.to(device) for im in images]
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def time_training(model, args, dtype, cfg):
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
+    sync = (lambda: torch.cuda.synchronize(args.device)) if torch.device(args.device).type == "cuda" else (lambda: None)
+
+    def step(images, targets):
+        with autocast(args.device, dtype):
+            losses = model(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        sync()
+        return losses
+
+    with tempfile.TemporaryDirectory() as workdir:
+        loader = training_data(args, cfg, workdir)
+        batches = list(loader)
+        fixed = _to_device(batches[0], args.device)
+        excluded, included = [], []
+        with PeakMemory(args.device) as memory:
+            for i in range(args.warmup + args.runs):
+                t = time.perf_counter()
+                losses = step(*fixed)
+                if i >= args.warmup:
+                    excluded.append(time.perf_counter() - t)
+        iterator = iter(loader)
+        for i in range(args.warmup + args.runs):
+            t = time.perf_counter()
+            step(*_to_device(next(iterator), args.device))
+            if i >= args.warmup:
+                included.append(time.perf_counter() - t)
+    model.eval()
+    return {"data_excluded": summary(excluded), "data_included": summary(included), "peak_mb": memory.peak_mb,
+            "losses_finite": all(bool(torch.isfinite(v)) for v in losses.values())}
+
+
+# --------------------------------------------------------------------------------------------------
+# The official implementation, through the reference tool
+# --------------------------------------------------------------------------------------------------
+def run_official(args, configs):
+    tool, python = os.path.abspath(args.reference_tool), os.path.join(args.reference_env, "bin", "python")
+    names = [OFFICIAL_NAMES[c] for c in configs if c in OFFICIAL_NAMES]
+    if not (os.path.exists(os.path.join(tool, "time_ref.py")) and os.path.exists(python) and names):
+        print("official: reference tool, its environment or a matching config not found; skipped", file=sys.stderr)
+        return None
+    out = os.path.join(tempfile.mkdtemp(), "official.json")
+    argv = ["time_ref.py", "--models", *names, "--runs", str(args.runs), "--warmup", str(args.warmup),
+            "--modes", "forced", "--json", out]
+    argv += ["--train-runs", str(args.runs)] if args.train else ["--no-train"]
+    # time_ref.py uses ``os`` without importing it: run it with ``os`` in its globals
+    launcher = (f"import os, runpy, sys; sys.argv = {argv!r}; "
+                "runpy.run_path('time_ref.py', init_globals={'os': os}, run_name='__main__')")
+    print("running the official implementation:", " ".join(argv), file=sys.stderr)
+    try:
+        subprocess.run([python, "-c", launcher], cwd=tool, check=True, stdout=sys.stderr)
+        with open(out) as f:
+            return json.load(f)
+    except (subprocess.CalledProcessError, OSError, ValueError) as e:
+        print(f"official: the reference tool failed ({e}); its column is left out", file=sys.stderr)
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+def header(args, image_source):
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    device = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else cpu
+    return {"device": device, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "image": image_source,
+            "image_size": args.image_size, "train_size": args.train_size, "batch": args.batch}
+
+
+def _s(x):
+    return f"{x['median']:.3f} ({x['min']:.2f}-{x['max']:.2f})"
+
+
+def markdown(report):
+    h = report["header"]
+    lines = [f"Device: {h['device']} ({h['cpu_count']} CPUs), {h['threads']} threads, torch {h['torch']}, "
+             f"image {h['image_size'][0]}x{h['image_size'][1]} ({h['image']}); median (min-max) of the runs, seconds.", ""]
+    if report["inference"]:
+        lines += ["| config | dtype | end-to-end s/img | network | NMS | paste | RLE | img/s | peak MB | dets |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["inference"]:
+            lines.append(f"| {r['config']} | {r['dtype']} | {_s(r['e2e'])} | {_s(r['network'])} | {r['nms']['median']:.3f} "
+                         f"| {r['paste']['median']:.3f} | {r['rle']['median']:.3f} | {r['images_per_s']:.2f} "
+                         f"| {r['peak_mb'] or 0:.0f} | {r['detections']} |")
+    if report["training"]:
+        lines += ["", f"Training, {h['batch']} images of {h['train_size'][0]}x{h['train_size'][1]}, forward + backward + SGD step:", "",
+                  "| config | dtype | s/iter, data excluded | s/iter, data included | peak MB |", "|---|---|---|---|---|"]
+        for r in report["training"]:
+            lines.append(f"| {r['config']} | {r['dtype']} | {_s(r['data_excluded'])} | {_s(r['data_included'])} "
+                         f"| {r['peak_mb'] or 0:.0f} |")
+    if report.get("official"):
+        lines += ["", *official_lines(report)]
+    return "\n".join(lines)
+
+
+def official_lines(report):
+    """Side by side with the official implementation: its model + paste time (it does no RLE)."""
+    off = report["official"]
+    ours = {(r["config"], r["dtype"]): r for r in report["inference"]}
+    lines = ["| side by side (fp32) | official s/img | ours s/img (network + NMS + paste) | ratio | ours incl. RLE |",
+             "|---|---|---|---|---|"]
+    for config, name in OFFICIAL_NAMES.items():
+        r, o = ours.get((config, "fp32")), off.get("inference", {}).get(name, {}).get("forced")
+        if r and o:
+            mine = r["model_and_paste"]["median"]
+            lines.append(f"| {config} | {o['median_s']:.3f} | {mine:.3f} | {mine / o['median_s']:.2f}x "
+                         f"| {r['e2e']['median']:.3f} |")
+    for name, o in (off.get("train") or {}).items():
+        mine = [r for r in report["training"] if OFFICIAL_NAMES.get(r["config"]) == name and r["dtype"] == "fp32"]
+        if mine:
+            t = mine[0]["data_excluded"]["median"]
+            lines.append(f"| training step {name} | {o['median_fwd_bwd_s']:.3f} (fwd+bwd) | {t:.3f} (fwd+bwd+SGD) "
+                         f"| {t / o['median_fwd_bwd_s']:.2f}x | |")
+    return lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    image, image_source = benchmark_image(args)
+    configs = [os.path.relpath(os.path.abspath(c), ROOT) for c in args.configs]
+    if args.train_configs:
+        args.train_configs = [os.path.relpath(os.path.abspath(c), ROOT) for c in args.train_configs]
+    report = {"header": header(args, image_source), "inference": [], "training": []}
+    for config in configs:
+        cfg = get_cfg(config)
+        model, weights = build(config, args, image)
+        dtypes = [d for d in args.dtypes if dtype_supported(args.device, d)]
+        for dtype in sorted(set(args.dtypes) - set(dtypes)):
+            print(f"{dtype} autocast not supported on {args.device}; skipped", file=sys.stderr)
+        for dtype in dtypes if not args.no_inference else []:
+            r = time_inference(model, image, args, dtype)
+            report["inference"].append({"config": config, "dtype": dtype, "weights": weights, **r})
+            print(f"{config} {dtype}: {r['e2e']['median']:.3f} s/img", file=sys.stderr, flush=True)
+        train = args.train and config in (args.train_configs or configs[:1])
+        for dtype in dtypes if train else []:  # after inference: the SGD steps change the weights
+            r = time_training(model, args, dtype, cfg)
+            report["training"].append({"config": config, "dtype": dtype, "weights": weights, **r})
+            print(f"{config} {dtype}: train {r['data_excluded']['median']:.3f} s/iter", file=sys.stderr, flush=True)
+        del model
+    if args.official:
+        report["official"] = run_official(args, configs)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

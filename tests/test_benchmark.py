@@ -1,0 +1,30 @@
+"""scripts/benchmark.py end to end on the tiny quick-start model: the table and the JSON it promises."""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import benchmark  # noqa: E402
+
+
+def test_benchmark_inference_and_training(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = benchmark.main([
+        "--configs", os.path.join(ROOT, "configs", "quickstart.yaml"), "--runs", "2", "--warmup", "1",
+        "--image-size", "96", "128", "--train", "--train-size", "64", "96", "--workers", "0",
+        "--reference-dir", str(tmp_path / "none"), "--json", str(out),
+    ])
+    table = capsys.readouterr().out
+    assert "| configs/quickstart.yaml | fp32 |" in table and "data excluded" in table
+    saved = json.loads(out.read_text())
+    assert saved["header"]["threads"] == 2 and saved["header"]["image"] == "generated"
+    (inference,), (training,) = saved["inference"], saved["training"]
+    assert inference["detections"] == 100  # score threshold 0: the mask branch gets the full 100
+    assert len(inference["e2e"]["runs"]) == 2
+    for i, e2e in enumerate(inference["e2e"]["runs"]):  # the parts add up to the end-to-end time
+        parts = [inference[k]["runs"][i] for k in ("network", "nms", "paste", "rle")]
+        assert min(parts) >= 0 and abs(sum(parts) - e2e) < 1e-6
+    assert training["losses_finite"] and training["data_included"]["median"] > 0
+    assert report["training"][0]["peak_mb"] > 0
