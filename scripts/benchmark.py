@@ -430,7 +430,8 @@ def main(argv=None):
             report["inference"].append({"config": config, "dtype": dtype, "weights": weights, **r})
             print(f"{config} {dtype}: {r['e2e']['median']:.3f} s/img", file=sys.stderr, flush=True)
         train = args.train and config in (args.train_configs or configs[:1])
-        for dtype in dtypes if train else []:  # after inference: the SGD steps change the weights
+        for dtype in dtypes if train else []:  # each from the same weights: the SGD steps change them
+            model, _ = build(config, args, image)
             r = time_training(model, args, dtype, cfg)
             report["training"].append({"config": config, "dtype": dtype, "weights": weights, **r})
             print(f"{config} {dtype}: train {r['data_excluded']['median']:.3f} s/iter", file=sys.stderr, flush=True)

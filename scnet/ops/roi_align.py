@@ -22,8 +22,9 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=0, alig
     ``adaptive_avg_pool2d`` to 7x7 (the semantic feature of the box branch, spec §8), fused on the CPU."""
     output_size = tuple(output_size)
     if features.device.type == "cpu" and features.dtype in (torch.bfloat16, torch.float16):
-        # autocast: pool in float32, as torchvision's autocast rule does, but with the fast CPU kernel
-        return roi_align(features.float(), rois.float(), output_size, spatial_scale, sampling_ratio, aligned, group)
+        # autocast: pool in float32 and give the input's dtype back, as torchvision's autocast rule does
+        out = roi_align(features.float(), rois.float(), output_size, spatial_scale, sampling_ratio, aligned, group)
+        return out.to(features.dtype)
     if features.device.type != "cpu" or features.dtype not in (torch.float32, torch.float64):
         full = (output_size[0] * group, output_size[1] * group)
         out = tv_roi_align(features, rois, full, spatial_scale, sampling_ratio, aligned)
@@ -114,6 +115,7 @@ def _window_weights(geometry, sl, bins, group, length):
     return weights, first, extent
 
 
+@torch.autocast("cpu", enabled=False)  # float32 matrix products, also inside an autocast region
 def roi_align_forward(features, rois, output_size, spatial_scale, sampling_ratio=0, aligned=True, group=1):
     """RoIAlign (avg) of (N, C, H, W) float features as two small GEMMs per RoI: ``Ay F Ax^T / count``.
 
@@ -140,6 +142,7 @@ def roi_align_forward(features, rois, output_size, spatial_scale, sampling_ratio
     return out.permute(0, 3, 1, 2)  # an NCHW view in channels-last memory
 
 
+@torch.autocast("cpu", enabled=False)
 def roi_align_backward(grad_output, rois, shape, output_size, spatial_scale, sampling_ratio, aligned, group=1):
     """Gradient of RoIAlign (avg) w.r.t. its (N, C, H, W) input, as torchvision's CPU kernel computes it."""
     n, c, h, w = shape
