@@ -64,7 +64,27 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
+class StagedBackbone(nn.Module):
+    """What ResNet and SC-ResNet share: a stem (conv1, bn1, relu, maxpool) and layer1-4, returning C2-C5;
+    the stem and the first ``frozen_stages`` layers frozen (§3)."""
+
+    def _freeze(self, frozen_stages):
+        frozen = [self.conv1, self.bn1] if frozen_stages >= 0 else []
+        frozen += [getattr(self, f"layer{i}") for i in range(1, frozen_stages + 1)]
+        for module in frozen:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+            outs.append(x)
+        return outs
+
+
+class ResNet(StagedBackbone):
     """Returns C2..C5 (strides 4, 8, 16, 32) as a list.
 
     Args:
@@ -96,20 +116,6 @@ class ResNet(nn.Module):
             self.out_channels.append(in_channels)
         self._freeze(frozen_stages)
 
-    def _freeze(self, frozen_stages):
-        frozen = [self.conv1, self.bn1] if frozen_stages >= 0 else []
-        frozen += [getattr(self, f"layer{i}") for i in range(1, frozen_stages + 1)]
-        for module in frozen:
-            for p in module.parameters():
-                p.requires_grad_(False)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        outs = []
-        for i in range(1, 5):
-            x = getattr(self, f"layer{i}")(x)
-            outs.append(x)
-        return outs
 
 
 def load_pretrained(backbone, path_or_url):

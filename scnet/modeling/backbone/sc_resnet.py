@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .resnet import DEPTHS, FrozenBatchNorm2d
+from .resnet import DEPTHS, FrozenBatchNorm2d, StagedBackbone
 
 # Down-sampling rate r of the average pooling in front of k2 (official SCBottleneck.pooling_r, §3.1).
 POOLING_R = 4
@@ -123,7 +123,7 @@ def _projection_shortcut(in_channels, out_channels, stride, avg_down):
     )
 
 
-class SCResNet(nn.Module):
+class SCResNet(StagedBackbone):
     """SC-ResNet backbone; returns [C2, C3, C4, C5] (strides 4, 8, 16, 32), channels ``out_channels``.
 
     Official variants: SC-ResNet-50 = ``SCResNet(50)``, SC-ResNet-101 = ``SCResNet(101)``,
@@ -174,21 +174,6 @@ class SCResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.out_channels.append(in_channels)
         self._freeze(frozen_stages)
-
-    def _freeze(self, frozen_stages):
-        frozen = [self.conv1, self.bn1] if frozen_stages >= 0 else []
-        frozen += [getattr(self, f"layer{i}") for i in range(1, frozen_stages + 1)]
-        for module in frozen:
-            for p in module.parameters():
-                p.requires_grad_(False)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        outs = []
-        for i in range(1, 5):
-            x = getattr(self, f"layer{i}")(x)
-            outs.append(x)
-        return outs
 
 
 class SCResNetClassifier(SCResNet):
