@@ -44,6 +44,7 @@ import scnet.modeling.roi_heads.cascade as cascade_module  # noqa: E402
 from scnet.config import get_cfg  # noqa: E402
 from scnet.evaluation.coco_eval import instances_to_coco  # noqa: E402
 from scnet.modeling.backbone.resnet import FrozenBatchNorm2d  # noqa: E402
+from scnet.utils.malloc import TRIM_THRESHOLD, keep_freed_memory  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL_NAMES = {  # our config -> the official config whose seeded reference weights we can load
@@ -76,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--official", action="store_true", help="also run the reference tool's time_ref.py")
     p.add_argument("--reference-tool", default=os.path.join(ROOT, "..", "shared", "tools", "mmdet_reference"))
     p.add_argument("--reference-env", default=os.path.expanduser("~/.cache/scnet-mmdet-ref/venv"))
+    p.add_argument("--official-keep-freed-memory", action="store_true",
+                   help="run the official implementation with the same glibc malloc settings as ours")
     p.add_argument("--json", default="benchmark.json")
     return p.parse_args(argv)
 
@@ -343,7 +346,10 @@ def run_official(args, configs):
                 "runpy.run_path('time_ref.py', init_globals={'os': os}, run_name='__main__')")
     print("running the official implementation:", " ".join(argv), file=sys.stderr)
     try:
-        subprocess.run([python, "-c", launcher], cwd=tool, check=True, stdout=sys.stderr)
+        env = dict(os.environ)
+        if args.official_keep_freed_memory:  # scnet/utils/malloc.py's settings, through glibc's variables
+            env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
+        subprocess.run([python, "-c", launcher], cwd=tool, check=True, stdout=sys.stderr, env=env)
         with open(out) as f:
             return json.load(f)
     except (subprocess.CalledProcessError, OSError, ValueError) as e:
@@ -361,7 +367,9 @@ def header(args, image_source):
     device = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else cpu
     return {"device": device, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "image": image_source,
-            "image_size": args.image_size, "train_size": args.train_size, "batch": args.batch}
+            "image_size": args.image_size, "train_size": args.train_size, "batch": args.batch,
+            "keep_freed_memory": getattr(args, "keep_freed_memory", False),
+            "official_keep_freed_memory": args.official and args.official_keep_freed_memory}
 
 
 def _s(x):
@@ -371,7 +379,9 @@ def _s(x):
 def markdown(report):
     h = report["header"]
     lines = [f"Device: {h['device']} ({h['cpu_count']} CPUs), {h['threads']} threads, torch {h['torch']}, "
-             f"image {h['image_size'][0]}x{h['image_size'][1]} ({h['image']}); median (min-max) of the runs, seconds.", ""]
+             f"image {h['image_size'][0]}x{h['image_size'][1]} ({h['image']}); median (min-max) of the runs, seconds.",
+             f"glibc malloc keeps freed memory (scnet/utils/malloc.py): ours {h.get('keep_freed_memory', False)}"
+             + (f", official {h['official_keep_freed_memory']}" if report.get("official") else "") + ".", ""]
     if report["inference"]:
         lines += ["| config | dtype | end-to-end s/img | network | NMS | paste | RLE | img/s | peak MB | dets |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -414,6 +424,8 @@ def official_lines(report):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cpu":
+        args.keep_freed_memory = keep_freed_memory()  # as train.py / eval.py do on the CPU
     image, image_source = benchmark_image(args)
     configs = [os.path.relpath(os.path.abspath(c), ROOT) for c in args.configs]
     if args.train_configs:

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import scnet  # noqa: E402
 from scnet.config import get_cfg  # noqa: E402
 from scnet.data.checks import DataError, LoadError, category_mapping, decode_image, load_annotation_file  # noqa: E402
+from scnet.utils.malloc import keep_freed_memory  # noqa: E402
 from scnet.utils.visualize import draw_instances  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -139,6 +140,8 @@ def main():
     args = parse_args()
     cfg = get_cfg(args.cfg, args.overrides)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # large activations reused, not re-mapped per image (scnet/utils/malloc.py)
     model = scnet.build_model(cfg, weights=args.weights).to(device).eval()
     class_names, category_ids, source = load_categories(args, cfg, cfg.model.num_classes)
     print(f"class names and category ids: {source}")

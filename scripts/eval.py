@@ -27,6 +27,7 @@ from scnet.data.coco import CocoDataset  # noqa: E402
 from scnet.engine import dist  # noqa: E402
 from scnet.engine.evaluate import gather_results, inference_on_dataset  # noqa: E402
 from scnet.modeling.tta import TestTimeAugmentation  # noqa: E402
+from scnet.utils.malloc import keep_freed_memory  # noqa: E402
 from scnet.evaluation.coco_eval import (  # noqa: E402
     IOU_TYPES,
     evaluate,
@@ -66,6 +67,8 @@ def build_predict(model, tta, test_cfg):
 
 def run_model(args):
     device = dist.init_distributed()
+    if device.type == "cpu":
+        keep_freed_memory()  # large activations reused, not re-mapped per image (scnet/utils/malloc.py)
     cfg = get_cfg(args.cfg, args.overrides)
     log = print if dist.is_main_process() else (lambda *a: None)
     dataset = CocoDataset(os.path.join(cfg.data.root, cfg.data.val_annotations),

@@ -37,6 +37,7 @@ from scnet.engine.train import (  # noqa: E402
     weights_digest,
 )
 from scnet.modeling.backbone.resnet import load_pretrained  # noqa: E402
+from scnet.utils.malloc import keep_freed_memory  # noqa: E402
 
 
 def parse_args():
@@ -61,6 +62,8 @@ def report_skipped(dataset, log):
 def main():
     args = parse_args()
     device = dist.init_distributed()
+    if device.type == "cpu":
+        keep_freed_memory()  # large activations reused, not re-mapped each step (scnet/utils/malloc.py)
     cfg = get_cfg(args.cfg, args.overrides)
     log = print if dist.is_main_process() else (lambda *a: None)
     output_dir = args.output_dir or os.path.join("output", os.path.splitext(os.path.basename(args.cfg or "default"))[0])
