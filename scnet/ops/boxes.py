@@ -74,24 +74,44 @@ class BoxCoder:
         return out
 
 
-def batched_nms(boxes, scores, idxs, iou_threshold, split_threshold=10000):
+def batched_nms(boxes, scores, idxs, iou_threshold, split_threshold=10000, max_detections=None):
     """NMS done independently per value of ``idxs``; returns kept indices sorted by decreasing score.
 
     Below ``split_threshold`` boxes the groups are separated by offsetting the boxes by
     ``idx * (max coordinate + 1)`` and running one NMS; above it, one NMS per group. This is the
     official (mmcv) procedure, reproduced so that kept boxes and their order match it exactly.
+
+    ``max_detections``: only the first ones are wanted. Whether greedy NMS keeps a box depends only on
+    the higher-scoring boxes of its group, so NMS over every candidate scoring at least the k-th highest
+    score (ties included, original order kept) keeps exactly the full run's kept boxes above that score:
+    when that gives ``max_detections`` of them they are the full run's first ones, else k grows. Same
+    procedure (offset or per group, offsets from all boxes) as the full run, so the same float results.
     """
-    if boxes.numel() == 0:
+    n = scores.numel()
+    if n == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    if boxes.shape[0] < split_threshold:
-        offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
-        return nms(boxes + offsets[:, None], scores, iou_threshold)
+    per_group = n >= split_threshold
+    offset = None if per_group else boxes.max() + torch.tensor(1).to(boxes)
+    k = 8 * max_detections if max_detections else n  # 100 detections: 800 candidates first
+    while k < n:
+        subset = (scores >= scores.topk(k).values[-1]).nonzero().view(-1)
+        keep = _batched_nms(boxes[subset], scores[subset], idxs[subset], iou_threshold, offset)
+        if keep.numel() >= max_detections:
+            return subset[keep[:max_detections]]
+        k *= 4
+    return _batched_nms(boxes, scores, idxs, iou_threshold, offset)[:max_detections]
+
+
+def _batched_nms(boxes, scores, idxs, iou_threshold, offset=None):
+    """One NMS over boxes moved apart by ``idxs * offset``, or (``offset`` None) one NMS per group."""
+    if offset is not None:
+        return nms(boxes + (idxs.to(boxes) * offset)[:, None], scores, iou_threshold)
     keep_mask = torch.zeros_like(scores, dtype=torch.bool)
     for group in torch.unique(idxs):
         members = (idxs == group).nonzero().view(-1)
         keep_mask[members[nms(boxes[members], scores[members], iou_threshold)]] = True
     keep = keep_mask.nonzero().view(-1)
-    return keep[scores[keep].sort(descending=True)[1]]
+    return keep[scores[keep].sort(descending=True, stable=True)[1]]  # ties: in index order, as the offset path
 
 
 def multiclass_nms(boxes, scores, score_thresh, iou_threshold, max_detections):
@@ -110,5 +130,5 @@ def multiclass_nms(boxes, scores, score_thresh, iou_threshold, max_detections):
     box_idx, labels = candidates[:, 0], candidates[:, 1]
     cand_boxes = boxes[box_idx] if boxes.dim() == 2 else boxes[box_idx, labels]
     cand_scores = scores[box_idx, labels]
-    keep = batched_nms(cand_boxes, cand_scores, labels, iou_threshold)[:max_detections]
+    keep = batched_nms(cand_boxes, cand_scores, labels, iou_threshold, max_detections=max_detections)
     return cand_boxes[keep], cand_scores[keep], labels[keep]

@@ -237,6 +237,25 @@ def test_batched_nms_split_path_matches_offset_path_on_12000_boxes():
     assert (scores[keep_split][1:] <= scores[keep_split][:-1]).all()
 
 
+@pytest.mark.parametrize("n", [3000, 30000])  # the offset path and the per-group path
+@pytest.mark.parametrize("max_detections", [1, 100, 2500])
+def test_batched_nms_first_k_equal_the_full_run(n, max_detections):
+    """With ``max_detections`` NMS starts on the top candidates only; the first ones must be the full
+    run's, index for index: clustered boxes (heavy suppression, so k has to grow for 2500) over 80
+    classes, scores rounded to 1/64 so that many tie, including at every cut."""
+    gen = torch.Generator().manual_seed(n)
+    centres = torch.rand(40, 2, generator=gen) * 600
+    xy = centres[torch.randint(0, 40, (n,), generator=gen)] + torch.randn(n, 2, generator=gen) * 8
+    wh = 20 + torch.rand(n, 2, generator=gen) * 40
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    scores = (torch.rand(n, generator=gen) * 64).floor() / 64
+    idxs = torch.randint(0, 80, (n,), generator=gen)
+    full = batched_nms(boxes, scores, idxs, 0.5)
+    first = batched_nms(boxes, scores, idxs, 0.5, max_detections=max_detections)
+    assert full.numel() > max_detections
+    assert first.tolist() == full[:max_detections].tolist()
+
+
 def test_multiclass_nms_threshold_is_strict_and_boxes_shared_across_classes():
     """scores (R, C+1), background last. Score == score_thresh is dropped; one box can be kept under two
     classes; the background column is never used; output sorted by decreasing score."""
