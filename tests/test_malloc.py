@@ -25,7 +25,7 @@ def _faults(mode, env=None):
     return applied == "True", int(faults)
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc", reason="glibc only")
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_freed_memory_is_reused():
     applied, faults_on = _faults("on")
     _, faults_off = _faults("off")

@@ -27,8 +27,9 @@ def keep_freed_memory():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # glibc only: musl accepts mallopt but ignores it
         mallopt = libc.mallopt
+        if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: musl accepts mallopt but ignores it
+            return False
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
