@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import scnet  # noqa: E402
 import scnet.modeling.roi_heads.cascade as cascade_module  # noqa: E402
 from scnet.config import get_cfg  # noqa: E402
+from scnet.engine.compile import compile_dense_parts  # noqa: E402
 from scnet.evaluation.coco_eval import instances_to_coco  # noqa: E402
 from scnet.modeling.backbone.resnet import FrozenBatchNorm2d  # noqa: E402
 from scnet.utils.malloc import TRIM_THRESHOLD, keep_freed_memory  # noqa: E402
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-inference", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each row with torch.compile on the dense parts (scnet/engine/compile.py)")
     p.add_argument("--train", action="store_true", help="also time training steps")
     p.add_argument("--train-configs", nargs="*", help="configs to train (default: the first of --configs)")
     p.add_argument("--train-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
@@ -236,11 +239,12 @@ def dtype_supported(device, dtype):
 # --------------------------------------------------------------------------------------------------
 # Inference
 # --------------------------------------------------------------------------------------------------
-def time_inference(model, image, args, dtype):
+def time_inference(model, image, args, dtype, compiled=False):
     timer = PartTimer(model, args.device)
     rows = []
+    warmup = args.warmup + (2 if compiled else 0)  # compiling takes the first call (and one more shape)
     try:
-        for i in range(args.warmup + args.runs):
+        for i in range(warmup + args.runs):
             timer.seconds = {}
             with PeakMemory(args.device) as memory, torch.no_grad(), autocast(args.device, dtype):
                 timer._sync()
@@ -250,7 +254,7 @@ def time_inference(model, image, args, dtype):
                 t1 = time.perf_counter()
                 instances_to_coco(result, 0, list(range(1, 200)))  # RLE-encode the masks, as evaluation does
                 t2 = time.perf_counter()
-            if i >= args.warmup:
+            if i >= warmup:
                 paste, nms = timer.seconds.get("paste", 0.0), timer.seconds.get("nms", 0.0)
                 rows.append({"e2e": t2 - t0, "network": t1 - t0 - paste - nms, "nms": nms, "paste": paste,
                              "rle": t2 - t1, "model_and_paste": t1 - t0, "peak_mb": memory.peak_mb,
@@ -291,7 +295,7 @@ def _to_device(batch, device):
     return images, targets
 
 
-def time_training(model, args, dtype, cfg):
+def time_training(model, args, dtype, cfg, compiled=False):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
@@ -311,11 +315,12 @@ def time_training(model, args, dtype, cfg):
         batches = list(loader)
         fixed = _to_device(batches[0], args.device)
         excluded, included = [], []
+        warmup = args.warmup + (2 if compiled else 0)
         with PeakMemory(args.device) as memory:
-            for i in range(args.warmup + args.runs):
+            for i in range(warmup + args.runs):
                 t = time.perf_counter()
                 losses = step(*fixed)
-                if i >= args.warmup:
+                if i >= warmup:
                     excluded.append(time.perf_counter() - t)
         iterator = iter(loader)
         for i in range(args.warmup + args.runs):
@@ -437,16 +442,25 @@ def main(argv=None):
         dtypes = [d for d in args.dtypes if dtype_supported(args.device, d)]
         for dtype in sorted(set(args.dtypes) - set(dtypes)):
             print(f"{dtype} autocast not supported on {args.device}; skipped", file=sys.stderr)
-        for dtype in dtypes if not args.no_inference else []:
-            r = time_inference(model, image, args, dtype)
-            report["inference"].append({"config": config, "dtype": dtype, "weights": weights, **r})
-            print(f"{config} {dtype}: {r['e2e']['median']:.3f} s/img", file=sys.stderr, flush=True)
+        variants = [False, True] if args.compile else [False]
+        for compiled in variants if not args.no_inference else []:
+            if compiled:
+                compile_dense_parts(model)
+            for dtype in dtypes:
+                r = time_inference(model, image, args, dtype, compiled)
+                label = dtype + (" compiled" if compiled else "")
+                report["inference"].append({"config": config, "dtype": label, "weights": weights, **r})
+                print(f"{config} {label}: {r['e2e']['median']:.3f} s/img", file=sys.stderr, flush=True)
         train = args.train and config in (args.train_configs or configs[:1])
-        for dtype in dtypes if train else []:  # each from the same weights: the SGD steps change them
-            model, _ = build(config, args, image)
-            r = time_training(model, args, dtype, cfg)
-            report["training"].append({"config": config, "dtype": dtype, "weights": weights, **r})
-            print(f"{config} {dtype}: train {r['data_excluded']['median']:.3f} s/iter", file=sys.stderr, flush=True)
+        for compiled in variants if train else []:
+            for dtype in dtypes:  # each from the same weights: the SGD steps change them
+                model, _ = build(config, args, image)
+                if compiled:
+                    compile_dense_parts(model)
+                r = time_training(model, args, dtype, cfg, compiled)
+                label = dtype + (" compiled" if compiled else "")
+                report["training"].append({"config": config, "dtype": label, "weights": weights, **r})
+                print(f"{config} {label}: train {r['data_excluded']['median']:.3f} s/iter", file=sys.stderr, flush=True)
         del model
     if args.official:
         report["official"] = run_official(args, configs)

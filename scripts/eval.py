@@ -25,6 +25,7 @@ import scnet  # noqa: E402
 from scnet.config import get_cfg  # noqa: E402
 from scnet.data.coco import CocoDataset  # noqa: E402
 from scnet.engine import dist  # noqa: E402
+from scnet.engine.compile import compile_dense_parts  # noqa: E402
 from scnet.engine.evaluate import gather_results, inference_on_dataset  # noqa: E402
 from scnet.modeling.tta import TestTimeAugmentation  # noqa: E402
 from scnet.utils.malloc import keep_freed_memory  # noqa: E402
@@ -43,6 +44,7 @@ def parse_args():
     parser.add_argument("--cfg", help="YAML config (default: SCNet R-50 20e)")
     parser.add_argument("--weights", help="checkpoint: ours ({'model': state_dict}) or an official MMDetection one")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation: flip x 5 scales (§15)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the dense parts (scnet/engine/compile.py)")
     parser.add_argument("--output-dir", help="default: output/<config name>/eval, or the folder of --results")
     parser.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")
     parser.add_argument("--results", help="evaluate this COCO results JSON instead of running a model")
@@ -81,6 +83,8 @@ def run_model(args):
         more = " ..." if len(dataset.skipped) > 10 else ""
         warnings.warn(f"{len(dataset.skipped)} images not evaluated: {shown}{more}")
     model = scnet.build_model(cfg, weights=args.weights).to(device).eval()
+    if args.compile:
+        compile_dense_parts(model)
     indices = range(min(args.max_images, len(dataset)) if args.max_images else len(dataset))
     log(f"{len(indices)} images, {dist.get_world_size()} process(es), {'TTA' if args.tta else 'single scale'}, "
         f"weights {args.weights}")

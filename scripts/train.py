@@ -26,6 +26,7 @@ from scnet.config import dump, get_cfg, to_dict  # noqa: E402
 from scnet.data.build import build_train_dataset, build_train_loader  # noqa: E402
 from scnet.engine import dist  # noqa: E402
 from scnet.engine.checkpoint import all_finite, list_checkpoints, resolve_resume, save_checkpoint  # noqa: E402
+from scnet.engine.compile import compile_dense_parts  # noqa: E402
 from scnet.engine.logger import TrainLogger  # noqa: E402
 from scnet.engine.train import (  # noqa: E402
     NonFiniteError,
@@ -45,6 +46,8 @@ def parse_args():
     parser.add_argument("--cfg", help="YAML config (default: SCNet R-50 20e)")
     parser.add_argument("--output-dir", default=None, help="default: output/<config name>")
     parser.add_argument("--resume", default="", help="a checkpoint path, or 'auto' (newest valid in --output-dir)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the dense parts (scnet/engine/compile.py; slower on a CPU, measure on GPU)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     return parser.parse_args()
 
@@ -101,6 +104,8 @@ def main():
             load_pretrained(model.backbone, cfg.model.backbone.pretrained)
             log(f"backbone initialised from {cfg.model.backbone.pretrained}")
     model_without_ddp = model
+    if args.compile:
+        compile_dense_parts(model)  # in place: parameter names and checkpoints unchanged
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
