@@ -8,8 +8,8 @@ our RoIAlign, which inductor does not make faster. Each part is compiled in plac
 Compiled kernels add in another order than eager PyTorch: outputs differ at float32 rounding (about
 1e-5 relative on the FPN levels), so parity with the official implementation is defined on the eager
 model (tests/test_parity_mmdet.py). The first call per input shape compiles (30-80 s on a 2-core CPU).
-Measured on that CPU (SCNet R-50, scripts/benchmark.py --compile): inference 4.8 -> 4.6 s/img, but
-a training step gets slower (7.1 -> 8.1 s), so it is off by default; measure it on your GPU.
+Measured on that CPU (SCNet R-50, scripts/benchmark.py --compile): inference 5.08 -> 4.77 s/img,
+but a training step gets slower (7.1 -> 8.1 s), so it is off by default; measure it on your GPU.
 (Inductor's ``freezing``, which folds the BatchNorms, was slower here still: 5.2 s.)
 """
 
