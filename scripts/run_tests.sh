@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Set up a virtual environment and run the test suite (the command README.md and .ci/run use).
 #
-# The numerical parity test against the official implementation needs reference dumps. When
-# SCNET_REF_DIR does not already hold them and the reference tool is found next to the repository
-# (../shared/tools/mmdet_reference, or SCNET_REF_TOOL), this script builds them first (about 7 minutes,
-# PyPI only, outside the repository). Otherwise the parity test reports itself as skipped.
+# The numerical parity tests against the official implementation (inference and one training step)
+# need reference dumps. When SCNET_REF_DIR does not already hold them and the reference tool is found
+# next to the repository (../shared/tools/mmdet_reference, or SCNET_REF_TOOL), this script builds them
+# first (about 8 minutes, PyPI only, outside the repository); the training one also needs the real COCO
+# sample (../shared/data/coco_train2017_sample, or SCNET_COCO_SAMPLE). Otherwise the parity tests report
+# themselves as skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -20,6 +22,7 @@ fi
 export SCNET_REF_DIR=${SCNET_REF_DIR:-$HOME/.cache/scnet-mmdet-ref/data}
 export SCNET_REF_ENV=${SCNET_REF_ENV:-$HOME/.cache/scnet-mmdet-ref/venv}
 TOOL=${SCNET_REF_TOOL:-$REPO/../shared/tools/mmdet_reference}
+SAMPLE=${SCNET_COCO_SAMPLE:-$REPO/../shared/data/coco_train2017_sample}
 build_reference() {
   [ -x "$SCNET_REF_ENV/bin/python" ] || bash "$TOOL/setup_refenv.sh" "$SCNET_REF_ENV"
   for config in scnet_r50_fpn_20e_coco scnet_x101-64x4d_fpn_20e_coco mask-rcnn_r50_fpn_1x_coco \
@@ -27,6 +30,13 @@ build_reference() {
     [ -f "$SCNET_REF_DIR/${config}_seed0_bncalib_synth0.npz" ] ||
       (cd "$TOOL" && "$SCNET_REF_ENV/bin/python" run_ref.py --config "$config" --seed 0 --out-dir "$SCNET_REF_DIR" > /dev/null)
   done
+  # training parity: the official training step on a batch of real COCO images (tests/parity_batch.py)
+  local train_dir=$SCNET_REF_DIR/train_scnet_r50_fpn_20e_coco
+  if [ -d "$SAMPLE" ] && [ ! -f "$train_dir/official_out.pth" ]; then
+    mkdir -p "$train_dir"
+    "$VENV/bin/python" tests/parity_batch.py "$train_dir/batch.npz" --sample "$SAMPLE" > /dev/null
+    (cd "$TOOL" && "$SCNET_REF_ENV/bin/python" train_ref.py --batch "$train_dir/batch.npz" --out "$train_dir" > /dev/null)
+  fi
 }
 if [ "${SCNET_SKIP_REFERENCE:-0}" != 1 ] && [ -f "$TOOL/run_ref.py" ]; then
   echo "building the MMDetection reference dumps in $SCNET_REF_DIR (parity test)"
