@@ -1,9 +1,11 @@
 """Typed configuration: documented defaults, YAML files that list only what differs, CLI overrides.
 
-The defaults are SCNet R-50-FPN 20e exactly as the official MMDetection model (section numbers refer to
-``scnet_reference.md``, the description of the official implementation). A YAML file is a nested mapping
-whose keys must exist here; ``key.sub=value`` strings override single values. Any unknown key is an
-error that names the key, so a typo never silently trains the default model.
+``model.arch`` selects the model's schema: each architecture (``MODEL_CONFIGS``) has its own defaults,
+the official model's ([impl N] cites docs/official_implementation.md), and only the options it
+supports. A YAML file is a nested mapping whose keys must exist in that schema; ``key.sub=value``
+strings override single values. Any unknown key, including an option the chosen architecture does not
+have, is an error that names the key, so a typo never silently trains another model. The defaults with
+no ``model.arch`` are SCNet R-50-FPN 20e.
 
     cfg = get_cfg("configs/r50_1x.yaml", ["solver.lr=0.01", "model.backbone.depth=101"])
 """
@@ -61,78 +63,101 @@ class RPNConfig:
 
 @dataclass
 class RoIHeadsConfig:
-    stage_ious: List[float] = field(default_factory=lambda: [0.5, 0.6, 0.7])  # §9.1; one per stage
-    stage_loss_weights: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])  # alpha_t, eq. 3
+    """The box stages, in every architecture (defaults: the three stages of the cascades)."""
+
+    stage_ious: List[float] = field(default_factory=lambda: [0.5, 0.6, 0.7])  # [impl 9.1]; one per stage
+    stage_loss_weights: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])  # alpha_t, SCNet eq. 3
     box_stds: List[List[float]] = field(
         default_factory=lambda: [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]]
     )
     class_agnostic: bool = True  # 4 deltas per RoI (the cascades) instead of 4 per class (Mask R-CNN)
-    adaptive_pooling: bool = False  # PANet §3.2: pool every RoI from every level, per-level first layers
-    batch_size_per_image: int = 512  # §9.4
+    batch_size_per_image: int = 512  # [impl 9.4]
     positive_fraction: float = 0.25
-    fc_dim: int = 1024  # §9.3
-    box_pool_size: int = 7  # §6
+    fc_dim: int = 1024  # [impl 9.3]
+    box_pool_size: int = 7  # [impl 6]
     mask_pool_size: int = 14
     finest_scale: int = 56
-    box_smooth_l1_beta: float = 1.0  # §9.5
+    box_smooth_l1_beta: float = 1.0  # [impl 9.5]
+
+
+def _one_stage():
+    """Mask R-CNN's single box stage: IoU 0.5, class-specific regression."""
+    return RoIHeadsConfig(stage_ious=[0.5], stage_loss_weights=[1.0], box_stds=[[0.1, 0.1, 0.2, 0.2]], class_agnostic=False)
 
 
 @dataclass
 class MaskHeadConfig:
-    # "residual": SCNet's deep head, pairs of convs with a skip (§11.2); "fcn": plain convs + ReLU
-    # (Mask R-CNN, Cascade Mask R-CNN, HTC, §20)
-    type: str = "residual"
-    num_convs: int = 12  # 12 convs = 6 residual blocks (SCNet); 4 for an FCN head
-    # Which samples train the mask heads: "last_stage" = the last box stage's positives (sample
-    # consistency, SCNet §4.1), "per_stage" = head t on stage t's positives (Cascade Mask R-CNN, HTC)
-    placement: str = "last_stage"
-    num_heads: int = 1  # with last_stage: 1 is effective sample consistency, 3 the naive one (Table 3)
-    # Total mask loss weight; split over several heads in proportion to alpha_t (eq. 4: beta = sum alpha)
-    loss_weight: float = 1.75
-    info_flow: bool = False  # HTC's mask information flow between the per-stage heads
-    interleaved: bool = False  # HTC's interleaved box/mask execution (needs per_stage FCN heads)
-    fc_fusion: bool = False  # PANet §3.4: a class-agnostic fc mask added to the FCN logits
+    """The 4-conv FCN mask head of Mask R-CNN, Cascade Mask R-CNN and HTC (one per stage in the cascades)."""
+
+    num_convs: int = 4
+    loss_weight: float = 1.0  # per head; the cascades multiply it by the stage's alpha_t
     resolution: int = 28
+
+
+@dataclass
+class HTCMaskHeadConfig(MaskHeadConfig):
+    info_flow: bool = True  # HTC's mask information flow between the per-stage heads (HTC paper §3.2)
+
+
+@dataclass
+class SCNetMaskHeadConfig:
+    """SCNet's mask branch, trained on the last stage's samples (sample consistency, SCNet paper §4.1)."""
+
+    # "residual": the deep head, pairs of convs with a skip [impl 11.2]; "fcn": plain 3x3 convs + ReLU
+    type: str = "residual"
+    num_convs: int = 12  # 12 convs = 6 residual blocks: the effective form of sample consistency
+    num_heads: int = 1  # 3 x (fcn, 4 convs) is the naive form (Table 3), probabilities averaged at test
+    # beta = sum of alpha_t (eq. 4); with one head per stage split as alpha_t, otherwise evenly
+    loss_weight: float = 1.75
+    resolution: int = 28
+
+
+@dataclass
+class PANetConfig:
+    """PANet's RoI-side components (Liu et al., CVPR 2018); its neck is ``model.fpn.type=pafpn``."""
+
+    adaptive_pooling: bool = False  # §3.2: pool every RoI from every level, per-level first layers
+    fc_fusion: bool = False  # §3.4: a class-agnostic fc mask added to the mask head's logits
 
 
 @dataclass
 class SemanticConfig:
     enabled: bool = True  # switch off for datasets without stuff maps
-    num_classes: int = 183  # COCO-stuff raw ids 0..181 (+1), §7
+    num_classes: int = 183  # COCO-stuff raw ids 0..181 (+1) [impl 7]
     ignore_index: int = 255
-    loss_weight: float = 0.2  # gamma, eq. 3
-    num_convs: int = 4  # §7
+    loss_weight: float = 0.2  # gamma, SCNet eq. 3
+    num_convs: int = 4  # [impl 7]
     residual: bool = True  # SCNet pairs the convs into residual blocks; HTC's head has plain convs
     fusion_level: int = 1  # P3, stride 8
     # "valid": mean over non-ignored pixels (mmdet 2.x, which trained the released models);
-    # "all": mean over all pixels, ignored ones counting 0 (mmdet 3.x). §19 row 2.
+    # "all": mean over all pixels, ignored ones counting 0 (mmdet 3.x) [impl 19 row 2]
     loss_normalization: str = "valid"
     # Value of the padded border of the semantic map: 0 in mmdet 2.x (labels it class 0), 255 in 3.x
-    # (ignored). §19 row 1.
+    # (ignored) [impl 19 row 1]
     pad_value: int = 0
 
 
 @dataclass
 class GlobalContextConfig:
-    enabled: bool = True  # §8
-    loss_weight: float = 3.0  # lambda, eq. 3 and Table 5
+    enabled: bool = True  # SCNet paper §4.2 [impl 8]
+    loss_weight: float = 3.0  # lambda, SCNet eq. 3 and Table 5
     num_res_blocks: int = 2
 
 
 @dataclass
 class FeatureRelayConfig:
-    enabled: bool = True  # §10
+    enabled: bool = True  # SCNet paper §4.2 [impl 10]
 
 
 @dataclass
 class MaskIoUConfig:
-    enabled: bool = False  # Mask Scoring R-CNN's MaskIoU head on the (last) mask head (spec §21)
+    enabled: bool = False  # Mask Scoring R-CNN's MaskIoU head on the mask head [impl 21]
     loss_weight: float = 0.5
 
 
 @dataclass
 class InputConfig:
-    pixel_mean: List[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB, §16.1
+    pixel_mean: List[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB [impl 16.1]
     pixel_std: List[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     size_divisibility: int = 32
     train_scale: List[int] = field(default_factory=lambda: [1333, 800])  # (long, short) max sides
@@ -141,11 +166,11 @@ class InputConfig:
 
 @dataclass
 class TestConfig:
-    score_thresh: float = 0.001  # strict >, SCNet §5.1 (§13)
+    score_thresh: float = 0.001  # strict >, SCNet paper §5.1 [impl 13]
     nms_iou: float = 0.5
     max_detections: int = 100
     mask_threshold: float = 0.5
-    # test-time augmentation (scripts/eval.py --tta): (short, long) maxima of each scale, and flips (§15)
+    # test-time augmentation (scripts/eval.py --tta): (short, long) maxima of each scale, and flips [impl 15]
     tta_scales: List[List[int]] = field(
         default_factory=lambda: [[600, 900], [800, 1200], [1000, 1500], [1200, 1800], [1400, 2100]]
     )
@@ -154,19 +179,82 @@ class TestConfig:
 
 @dataclass
 class ModelConfig:
+    """What every architecture has. ``arch`` selects one of the subclasses below, each with its own
+    defaults and only the options its architecture supports (``MODEL_CONFIGS``)."""
+
     arch: str = "scnet"
     num_classes: int = 80
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+
+@dataclass
+class MaskRCNNConfig(ModelConfig):
+    """Mask R-CNN R-50-FPN as mmdet's mask-rcnn_r50_fpn_1x_coco; Mask Scoring R-CNN, PANet and SCNet's
+    feature relay are its options."""
+
+    arch: str = "mask_rcnn"
+    rpn: RPNConfig = field(default_factory=lambda: RPNConfig(post_nms_top_n_train=1000))
+    roi_heads: RoIHeadsConfig = field(default_factory=_one_stage)
+    test: TestConfig = field(default_factory=lambda: TestConfig(score_thresh=0.05))
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    feature_relay: FeatureRelayConfig = field(default_factory=lambda: FeatureRelayConfig(enabled=False))
+    mask_iou: MaskIoUConfig = field(default_factory=MaskIoUConfig)
+    panet: PANetConfig = field(default_factory=PANetConfig)
+
+
+@dataclass
+class CascadeMaskRCNNConfig(ModelConfig):
+    """Cascade Mask R-CNN R-50-FPN as mmdet's cascade-mask-rcnn_r50_fpn_1x_coco [impl 20.2]; the semantic
+    branch (SCNet's baseline), feature relay and global context (SCNet's ablations) are its options."""
+
+    arch: str = "cascade_mask_rcnn"
+    test: TestConfig = field(default_factory=lambda: TestConfig(score_thresh=0.05))
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    semantic: SemanticConfig = field(default_factory=lambda: SemanticConfig(enabled=False, residual=False))
+    global_context: GlobalContextConfig = field(default_factory=lambda: GlobalContextConfig(enabled=False))
+    feature_relay: FeatureRelayConfig = field(default_factory=lambda: FeatureRelayConfig(enabled=False))
+
+
+@dataclass
+class HTCConfig(ModelConfig):
+    """Hybrid Task Cascade R-50-FPN as mmdet's htc_r50_fpn_1x_coco [impl 20.1]."""
+
+    arch: str = "htc"
+    mask_head: HTCMaskHeadConfig = field(default_factory=HTCMaskHeadConfig)
+    semantic: SemanticConfig = field(default_factory=lambda: SemanticConfig(residual=False))
+
+
+@dataclass
+class SCNetConfig(ModelConfig):
+    """SCNet R-50-FPN 20e exactly as the official model; the ablations of SCNet's Tables 3 and 5 and the
+    zoo's additions (MaskIoU head, PANet) are its options."""
+
+    arch: str = "scnet"
+    mask_head: SCNetMaskHeadConfig = field(default_factory=SCNetMaskHeadConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     global_context: GlobalContextConfig = field(default_factory=GlobalContextConfig)
     feature_relay: FeatureRelayConfig = field(default_factory=FeatureRelayConfig)
     mask_iou: MaskIoUConfig = field(default_factory=MaskIoUConfig)
-    input: InputConfig = field(default_factory=InputConfig)
-    test: TestConfig = field(default_factory=TestConfig)
+    panet: PANetConfig = field(default_factory=PANetConfig)
+
+
+MODEL_CONFIGS = {
+    "mask_rcnn": MaskRCNNConfig,
+    "cascade_mask_rcnn": CascadeMaskRCNNConfig,
+    "htc": HTCConfig,
+    "scnet": SCNetConfig,
+}
+
+
+def semantic_branch(model_cfg):
+    """The model's SemanticConfig when it has the semantic branch and it is on, else None."""
+    semantic = getattr(model_cfg, "semantic", None)
+    return semantic if semantic is not None and semantic.enabled else None
 
 
 @dataclass
@@ -214,7 +302,7 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=SCNetConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -256,44 +344,72 @@ def _coerce(value, annotation, key):
     raise ConfigError(f"config key '{key}' expects {getattr(annotation, '__name__', annotation)}, got {value!r}")
 
 
-def _merge(node, updates, prefix=""):
+def _merge(node, updates, prefix="", arch=None):
     if not isinstance(updates, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' expects a mapping, got {updates!r}")
     hints = typing.get_type_hints(type(node))
+    arch = node.arch if isinstance(node, ModelConfig) else arch
     for k, v in updates.items():
         key = prefix + str(k)
         if k not in hints:
-            raise ConfigError(f"unknown config key '{key}'")
+            unsupported = f" (model.arch '{arch}' has no such option)" if arch else ""
+            raise ConfigError(f"unknown config key '{key}'{unsupported}")
         current = getattr(node, k)
         if dataclasses.is_dataclass(current):
-            _merge(current, v, key + ".")
+            _merge(current, v, key + ".", arch)
+        elif isinstance(node, ModelConfig) and k == "arch" and v != node.arch:
+            raise ConfigError(f"config key '{key}' selects the schema of the model: give it to get_cfg or in "
+                              f"the YAML file, not to an existing {node.arch!r} config")
         else:
             setattr(node, k, _coerce(v, hints[k], key))
 
 
-def apply_overrides(cfg, overrides):
-    """Apply ``["a.b=value", ...]``; the value is parsed as YAML (numbers, lists, booleans)."""
+def _parse_overrides(overrides):
+    """["a.b=value", ...] -> [(["a", "b"], parsed value), ...]; the value is parsed as YAML."""
+    parsed = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
-        update = yaml.safe_load(raw) if raw != "" else ""
-        for part in reversed(key.strip().split(".")):
+        parsed.append((key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""))
+    return parsed
+
+
+def apply_overrides(cfg, overrides):
+    """Apply ``["a.b=value", ...]``; the value is parsed as YAML (numbers, lists, booleans)."""
+    for parts, update in _parse_overrides(overrides):
+        for part in reversed(parts):
             update = {part: update}
         _merge(cfg, update)
     return cfg
 
 
+def new_config(arch="scnet"):
+    """The defaults of architecture ``arch``."""
+    if not isinstance(arch, str) or arch not in MODEL_CONFIGS:
+        raise ConfigError(f"config key 'model.arch' must be one of {sorted(MODEL_CONFIGS)}, got {arch!r}")
+    return Config(model=MODEL_CONFIGS[arch]())
+
+
 def get_cfg(path=None, overrides=()):
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""
-    cfg = Config()
+    """The defaults of the chosen ``model.arch``, then the YAML file at ``path`` (if any), then
+    ``overrides``. The architecture is the overrides' ``model.arch``, else the file's, else SCNet."""
+    data = {}
     if path is not None:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
-        try:
-            _merge(cfg, data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    arch = model.get("arch", "scnet") if isinstance(model, dict) else "scnet"
+    for parts, value in _parse_overrides(overrides):
+        if parts == ["model", "arch"]:
+            arch = value
+    cfg = new_config(arch)
+    if isinstance(model, dict):  # the architecture is already chosen
+        data = dict(data, model={k: v for k, v in model.items() if k != "arch"})
+    try:
+        _merge(cfg, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return apply_overrides(cfg, overrides)
 
 
@@ -303,7 +419,8 @@ def to_dict(cfg):
 
 def from_dict(data):
     """Rebuild a Config from ``to_dict`` output (e.g. the one stored in a checkpoint)."""
-    cfg = Config()
+    model = data.get("model")
+    cfg = new_config(model.get("arch", "scnet") if isinstance(model, dict) else "scnet")
     _merge(cfg, data)
     return cfg
 

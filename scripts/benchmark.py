@@ -38,8 +38,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import scnet  # noqa: E402
-import scnet.modeling.roi_heads.cascade as cascade_module  # noqa: E402
-from scnet.config import get_cfg  # noqa: E402
+import scnet.modeling.roi_heads.base as roi_heads_base  # noqa: E402
+from scnet.config import get_cfg, semantic_branch  # noqa: E402
 from scnet.engine.compile import compile_dense_parts  # noqa: E402
 from scnet.evaluation.coco_eval import instances_to_coco  # noqa: E402
 from scnet.modeling.backbone.resnet import FrozenBatchNorm2d  # noqa: E402
@@ -188,7 +188,7 @@ class PartTimer:
         self.device = torch.device(device)
         self.seconds = {}
         self._undo = []
-        self._wrap(cascade_module, "multiclass_nms", "nms")  # HTC's predict is the cascade's
+        self._wrap(roi_heads_base, "multiclass_nms", "nms")  # every architecture's predict
         self._wrap(model, "postprocess", "paste")
 
     def _sync(self):
@@ -280,10 +280,11 @@ def training_data(args, cfg, workdir):
     h, w = args.train_size
     n = args.batch * (args.warmup + args.runs + 1)
     ann = make_synthetic_coco(workdir, n, seed=0, size=(min(h, w), max(h, w)), num_classes=3)
+    semantic = semantic_branch(cfg.model)
     dataset = CocoDataset(
         ann, os.path.join(workdir, "train"), stuff_dir=os.path.join(workdir, "stuffthingmaps", "train"),
-        semantic_source="stuff_maps" if cfg.model.semantic.enabled else "none",
-        num_semantic_classes=cfg.model.semantic.num_classes, train_scale=(max(h, w), min(h, w)),
+        semantic_source="stuff_maps" if semantic else "none",
+        num_semantic_classes=semantic.num_classes if semantic else 183, train_scale=(max(h, w), min(h, w)),
     )
     return build_train_loader(dataset, args.batch, seed=0, num_workers=args.workers)
 

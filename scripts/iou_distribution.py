@@ -74,7 +74,7 @@ def recording_positive_ious(roi_heads):
 
     def match_and_sample(stage, proposals, target):
         samples = original(stage, proposals, target)
-        positives = samples.boxes[: samples.num_positive]
+        positives = samples.positive_boxes
         ious[stage].append(matched_ious(positives, target["boxes"][samples.matched_gt]).cpu())
         return samples
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import scnet
+from scnet.config import get_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -26,6 +27,21 @@ TINY = [
     "model.rpn.post_nms_top_n_test=200",
     "model.input.test_scale=[256,192]",
 ]
+
+
+def _has_key(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        if not hasattr(node, part):
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def tiny_overrides(path=None, *extra):
+    """TINY (the options the config's architecture has) + ``extra``: the config at tiny widths."""
+    cfg = get_cfg(path, [o for o in extra if o.startswith("model.arch=")])
+    return [o for o in TINY if _has_key(cfg, o.split("=", 1)[0])] + list(extra)
 
 
 def tiny_model(*overrides, seed=0):

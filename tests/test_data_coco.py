@@ -289,7 +289,7 @@ def test_stuff_map_semantic_target_through_the_model(shapes, pad_value):
         expected = torch.from_numpy(stuff[rows][:, cols])
         assert torch.equal(target["semantic_seg"], expected.flip(-1) if flip else expected)
         padded_size = (-(-h // 32) * 32, -(-w // 32) * 32)
-        out = model._semantic_target([target], padded_size)
+        out = model.context.semantic_target([target], padded_size)
         assert out.shape == (1, padded_size[0] // 8, padded_size[1] // 8)
         full = pad_to([target["semantic_seg"].long()], padded_size, pad_value)[0]
         assert torch.equal(out[0], full[::8, ::8])  # pixels (8i, 8j) of the resized, padded map

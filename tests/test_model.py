@@ -86,7 +86,7 @@ def test_empty_image_adds_nothing_to_the_box_and_mask_numerators():
 
 def test_semantic_global_context_and_relay_switch_off():
     model = tiny_model("model.semantic.enabled=false", "model.global_context.enabled=false", "model.feature_relay.enabled=false")
-    assert model.roi_heads.semantic_head is None and model.roi_heads.global_context is None
+    assert model.context.semantic_head is None and model.context.global_context is None
     image, target = synthetic_sample(150, 190, 2, seed=3)
     del target["semantic_seg"]  # a dataset without stuff maps
     losses = _train_step(model, [image], [target])
@@ -106,7 +106,7 @@ def test_missing_stuff_map_with_the_semantic_branch_on_is_a_clear_error():
 def test_semantic_target_is_padded_then_sampled_every_eighth_pixel():
     model = tiny_model("model.semantic.pad_value=255")
     seg = torch.arange(70 * 50, dtype=torch.int64).reshape(70, 50) % 200
-    target = model._semantic_target([{"semantic_seg": seg}], (96, 64))
+    target = model.context.semantic_target([{"semantic_seg": seg}], (96, 64))
     assert target.shape == (1, 12, 8)
     assert torch.equal(target[0, :9, :7], seg[::8, ::8])  # pixels (8i, 8j)
     assert (target[0, 9:] == 255).all() and (target[0, :, 7:] == 255).all()

@@ -51,10 +51,10 @@ class Recorder:
         self._hook(model.neck, lambda o: self._levels("fpn_p", o, 2))
         self._hook(model.rpn.head, self._rpn_head)
         self._hook(model.rpn, lambda o: self.out.update(rpn_proposals=o[0][0], rpn_proposal_scores=o[1][0]))
-        if rh.semantic_head is not None:
-            self._hook(rh.semantic_head, lambda o: self.out.update(semantic_pred=o[0], semantic_feat=o[1]))
-        if rh.global_context is not None:
-            self._hook(rh.global_context, lambda o: self.out.update(glbctx_pred=o[0], glbctx_feat=o[1]))
+        if model.context.semantic_head is not None:
+            self._hook(model.context.semantic_head, lambda o: self.out.update(semantic_pred=o[0], semantic_feat=o[1]))
+        if model.context.global_context is not None:
+            self._hook(model.context.global_context, lambda o: self.out.update(glbctx_pred=o[0], glbctx_feat=o[1]))
         if rh.feature_relays is not None:
             self._hook(rh.feature_relays[0], lambda o: self.out.update(feat_relay_out=o))
         if isinstance(rh.mask_heads[0], SCNetMaskHead) or len(rh.mask_heads) == 1:

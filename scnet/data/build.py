@@ -9,6 +9,7 @@ import os
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..config import semantic_branch
 from .coco import CocoDataset
 
 
@@ -97,8 +98,9 @@ def build_train_loader(dataset, batch_size, num_replicas=1, rank=0, seed=0, flip
 def build_train_dataset(cfg):
     """The training CocoDataset described by ``cfg.data`` (paths relative to ``cfg.data.root``)."""
     d, m = cfg.data, cfg.model
-    source = d.semantic_source if m.semantic.enabled else "none"
-    if m.semantic.enabled and source == "none":
+    semantic = semantic_branch(m)  # None: the model has no semantic branch, or it is off
+    source = d.semantic_source if semantic else "none"
+    if semantic and source == "none":
         raise ValueError("model.semantic.enabled is true but data.semantic_source is 'none'")
     stuff_dir = os.path.join(d.root, d.train_stuff_maps) if source == "stuff_maps" else None
     return CocoDataset(
@@ -106,7 +108,7 @@ def build_train_dataset(cfg):
         os.path.join(d.root, d.train_images),
         stuff_dir=stuff_dir,
         semantic_source=source,
-        num_semantic_classes=m.semantic.num_classes,
+        num_semantic_classes=semantic.num_classes if semantic else 183,
         train_scale=tuple(m.input.train_scale),
         min_size=d.min_size,
         training=True,

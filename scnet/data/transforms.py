@@ -8,7 +8,7 @@ padding and the 1/8 semantic map are the model's job (scnet/modeling/detector.py
 import torch
 import torch.nn.functional as F
 
-from ..modeling.detector import rescale_size
+from ..ops.image import rescale_size
 from ..ops.boxes import clip_boxes_
 
 

@@ -16,8 +16,8 @@ but a training step gets slower (7.1 -> 8.1 s), so it is off by default; measure
 
 def dense_parts(model):
     parts = [model.backbone, model.neck, model.rpn.head]
-    if getattr(model.roi_heads, "semantic_head", None) is not None:
-        parts.append(model.roi_heads.semantic_head)
+    if model.context.semantic_head is not None:
+        parts.append(model.context.semantic_head)
     return parts
 
 

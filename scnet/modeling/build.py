@@ -1,20 +1,23 @@
-"""Model builders: the only place that reads the config. ``ARCHITECTURES`` maps ``model.arch`` to a builder."""
+"""Model builders: the only place that reads the config. ``ARCHITECTURES`` maps ``model.arch`` to the
+builder of that architecture; the config already holds only the options it supports
+(``scnet.config.MODEL_CONFIGS``), and each builder rejects the combinations that cannot work with a
+ValueError naming the keys."""
 import torch.nn as nn
 
 from .backbone.resnet import ResNet
 from .backbone.sc_resnet import SCResNet
+from .context import ContextBranches, GlobalContextHead, SemanticHead
 from .detector import TwoStageDetector
 from .neck.fpn import FPN
 from .neck.pafpn import PAFPN
+from .roi_heads import CascadeRoIHeads, HTCRoIHeads, SCNetRoIHeads, StandardRoIHeads
 from .roi_heads.box_head import BoxHead
 from .roi_heads.feature_relay import FeatureRelay
-from .roi_heads.global_context import GlobalContextHead
-from .roi_heads.cascade import CascadeRoIHeads
-from .roi_heads.htc import HTCRoIHeads
 from .roi_heads.mask_head import FCNMaskHead, SCNetMaskHead
 from .roi_heads.mask_iou_head import MaskIoUHead
-from .roi_heads.semantic_head import SemanticHead
 from .rpn import RPN
+
+PANET_LEVELS = 4  # PANet's adaptive feature pooling reads P2-P5
 
 
 def build_backbone(b):
@@ -34,6 +37,8 @@ def build_backbone_and_neck(m):
     necks = {"fpn": FPN, "pafpn": PAFPN}
     if m.fpn.type not in necks:
         raise ValueError(f"model.fpn.type must be one of {sorted(necks)}, got {m.fpn.type!r}")
+    if len(m.rpn.anchor_strides) < 4:
+        raise ValueError(f"model.rpn.anchor_strides needs one stride per FPN level (at least P2-P5), got {m.rpn.anchor_strides}")
     neck = necks[m.fpn.type](backbone.out_channels, m.fpn.out_channels, num_extra_levels=len(m.rpn.anchor_strides) - 4)
     return backbone, neck
 
@@ -59,64 +64,64 @@ def build_rpn(m):
     )
 
 
-def mask_loss_weights(m):
-    """Weight of each mask head: the total split in proportion to alpha_t when there is one head per
-    stage (Cascade Mask R-CNN, HTC, naive sample consistency); the whole of it for a single head
-    (SCNet's beta = sum of alpha_t, eq. 4)."""
-    alphas = m.roi_heads.stage_loss_weights
-    total = m.mask_head.loss_weight
-    count = len(alphas) if m.mask_head.placement == "per_stage" else m.mask_head.num_heads
-    if count == 1:
-        return [total]
-    if count == len(alphas):
-        return [a * total / sum(alphas) for a in alphas]
-    return [total / count] * count
-
-
-def build_mask_heads(m):
-    c, h = m.fpn.out_channels, m.mask_head
-    count = len(m.roi_heads.stage_ious) if h.placement == "per_stage" else h.num_heads
-    levels = 4 if m.roi_heads.adaptive_pooling else 0  # PANet: P2-P5
-    if h.type == "residual":
-        return [SCNetMaskHead(c, h.num_convs // 2, m.num_classes, levels, h.fc_fusion) for _ in range(count)]
-    if h.type == "fcn":  # HTC's information flow enters every head but the first
-        return [
-            FCNMaskHead(c, h.num_convs, m.num_classes, h.info_flow and k > 0, levels, h.fc_fusion) for k in range(count)
-        ]
-    raise ValueError(f"model.mask_head.type must be 'residual' or 'fcn', got {h.type!r}")
-
-
-def build_roi_heads(m):
-    c, r = m.fpn.out_channels, m.roi_heads
-    levels = 4 if r.adaptive_pooling else 1
-    box_heads = [BoxHead(c, r.box_pool_size, r.fc_dim, m.num_classes, r.class_agnostic, levels) for _ in r.stage_ious]
-    mask_heads = build_mask_heads(m)
-    semantic = global_context = relays = None
-    if m.semantic.enabled:
-        s = m.semantic
+def build_context(m, semantic=None, global_context=None):
+    """The image-level branches the architecture has and the config switches on."""
+    c = m.fpn.out_channels
+    semantic = semantic if semantic is not None and semantic.enabled else None
+    global_context = global_context if global_context is not None and global_context.enabled else None
+    semantic_head = stride = None
+    if semantic is not None:
+        _check_semantic(m, semantic)
         levels = len(m.rpn.anchor_strides)
-        semantic = SemanticHead(c, c, levels, s.fusion_level, s.num_convs, s.residual, s.num_classes)
-    if m.global_context.enabled:
-        global_context = GlobalContextHead(c, m.global_context.num_res_blocks, m.num_classes)
-    if m.feature_relay.enabled:
-        relays = [FeatureRelay(r.fc_dim, c, r.box_pool_size) for _ in mask_heads]
-    mask_iou = MaskIoUHead(c, c, r.fc_dim, m.num_classes, r.mask_pool_size) if m.mask_iou.enabled else None
-    heads_class = CascadeRoIHeads
-    if m.mask_head.interleaved:
-        if m.mask_head.type != "fcn" or m.mask_head.placement != "per_stage" or relays or r.adaptive_pooling:
-            raise ValueError(
-                "model.mask_head.interleaved (HTC) needs per_stage FCN heads, no relay and no adaptive pooling"
-            )
-        heads_class = HTCRoIHeads
-    return heads_class(
-        box_heads,
-        mask_heads,
-        mask_placement=m.mask_head.placement,
-        feature_relays=relays,
-        mask_iou_head=mask_iou,
-        semantic_head=semantic,
-        global_context_head=global_context,
-        adaptive_pooling=r.adaptive_pooling,
+        semantic_head = SemanticHead(c, c, levels, semantic.fusion_level, semantic.num_convs, semantic.residual,
+                                     semantic.num_classes)
+        stride = m.rpn.anchor_strides[semantic.fusion_level]
+    return ContextBranches(
+        semantic_head=semantic_head,
+        global_context_head=GlobalContextHead(c, global_context.num_res_blocks, m.num_classes) if global_context else None,
+        semantic_stride=stride or 8,
+        semantic_loss_weight=semantic.loss_weight if semantic else 0.0,
+        semantic_ignore_index=semantic.ignore_index if semantic else 255,
+        semantic_loss_normalization=semantic.loss_normalization if semantic else "valid",
+        semantic_pad_value=semantic.pad_value if semantic else 0,
+        global_context_loss_weight=global_context.loss_weight if global_context else 0.0,
+    )
+
+
+def _check_semantic(m, s):
+    if not 0 <= s.fusion_level < len(m.rpn.anchor_strides):
+        raise ValueError(f"model.semantic.fusion_level={s.fusion_level} is not an FPN level "
+                         f"(0..{len(m.rpn.anchor_strides) - 1}, model.rpn.anchor_strides)")
+    if s.residual and s.num_convs % 2:
+        raise ValueError(f"model.semantic.num_convs={s.num_convs} must be even with model.semantic.residual=true "
+                         "(the convs pair into residual blocks)")
+    if s.loss_normalization not in ("valid", "all"):
+        raise ValueError(f"model.semantic.loss_normalization must be 'valid' or 'all', got {s.loss_normalization!r}")
+
+
+def _check_stages(m, one_stage=False):
+    r = m.roi_heads
+    counts = (len(r.stage_ious), len(r.stage_loss_weights), len(r.box_stds))
+    if len(set(counts)) != 1 or counts[0] == 0:
+        raise ValueError(f"model.roi_heads.stage_ious, stage_loss_weights and box_stds need one entry per box stage, "
+                         f"got {counts[0]}, {counts[1]} and {counts[2]}")
+    if any(len(stds) != 4 for stds in r.box_stds):
+        raise ValueError(f"model.roi_heads.box_stds needs 4 values per stage, got {r.box_stds}")
+    if one_stage and counts[0] != 1:
+        raise ValueError(f"model.roi_heads.stage_ious has {counts[0]} entries but model.arch '{m.arch}' has one box "
+                         "stage (a cascade is model.arch=cascade_mask_rcnn)")
+
+
+def build_box_heads(m, levels=1):
+    r = m.roi_heads
+    return [BoxHead(m.fpn.out_channels, r.box_pool_size, r.fc_dim, m.num_classes, r.class_agnostic, levels)
+            for _ in r.stage_ious]
+
+
+def stage_settings(m, adaptive_pooling=False):
+    """The keyword arguments of ``RoIHeads``: the box stages and the test-time detections."""
+    r, t = m.roi_heads, m.test
+    return dict(
         num_classes=m.num_classes,
         stage_ious=r.stage_ious,
         stage_loss_weights=r.stage_loss_weights,
@@ -126,50 +131,184 @@ def build_roi_heads(m):
         box_pool_size=r.box_pool_size,
         mask_pool_size=r.mask_pool_size,
         finest_scale=r.finest_scale,
-        semantic_stride=m.rpn.anchor_strides[m.semantic.fusion_level],
         box_smooth_l1_beta=r.box_smooth_l1_beta,
         mask_resolution=m.mask_head.resolution,
-        mask_loss_weights=mask_loss_weights(m),
-        semantic_loss_weight=m.semantic.loss_weight,
-        semantic_ignore_index=m.semantic.ignore_index,
-        semantic_loss_normalization=m.semantic.loss_normalization,
-        global_context_loss_weight=m.global_context.loss_weight,
-        mask_iou_loss_weight=m.mask_iou.loss_weight,
-        score_thresh=m.test.score_thresh,
-        nms_iou=m.test.nms_iou,
-        max_detections=m.test.max_detections,
+        adaptive_pooling=adaptive_pooling,
+        score_thresh=t.score_thresh,
+        nms_iou=t.nms_iou,
+        max_detections=t.max_detections,
     )
 
 
-def build_two_stage(cfg) -> nn.Module:
-    """Backbone + FPN + RPN + cascade RoI heads: every architecture of the zoo, as the config describes."""
-    m = cfg.model
-    backbone, neck = build_backbone_and_neck(m)
+def _check_fcn_head(m, num_convs, adaptive=False, fc_fusion=False):
+    needed = 1 + (1 if adaptive else 0) + (1 if fc_fusion else 0)
+    if num_convs < needed:
+        raise ValueError(f"model.mask_head.num_convs={num_convs} is too few: at least {needed} with "
+                         f"model.panet.adaptive_pooling={adaptive}, model.panet.fc_fusion={fc_fusion}")
+
+
+def _relays(m, count):
+    r = m.roi_heads
+    return [FeatureRelay(r.fc_dim, m.fpn.out_channels, r.box_pool_size) for _ in range(count)]
+
+
+def _mask_iou_head(m):
+    r = m.roi_heads
+    return MaskIoUHead(m.fpn.out_channels, m.fpn.out_channels, r.fc_dim, m.num_classes, r.mask_pool_size)
+
+
+def _detector(m, parts, roi_heads, context):
+    backbone, neck, rpn = parts
     return TwoStageDetector(
         backbone,
         neck,
-        build_rpn(m),
-        build_roi_heads(m),
+        rpn,
+        roi_heads,
+        context,
         pixel_mean=m.input.pixel_mean,
         pixel_std=m.input.pixel_std,
         size_divisibility=m.input.size_divisibility,
         test_scale=m.input.test_scale,
         mask_threshold=m.test.mask_threshold,
-        semantic_pad_value=m.semantic.pad_value,
-        semantic_stride=m.rpn.anchor_strides[m.semantic.fusion_level],
     )
 
 
-# The architectures differ only in their configs (configs/, spec §20): one builder serves them all.
+def _dense_parts(m):
+    """Backbone, neck and RPN. Every builder creates the parts in one order (these, box heads, mask
+    heads, image-level branches, relays, MaskIoU head): a seed gives the same initial weights."""
+    backbone, neck = build_backbone_and_neck(m)
+    return backbone, neck, build_rpn(m)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One builder per architecture
+# ----------------------------------------------------------------------------------------------------
+def build_mask_rcnn(cfg) -> nn.Module:
+    """Mask R-CNN, with Mask Scoring R-CNN's MaskIoU head, PANet and feature relay as options."""
+    m = cfg.model
+    _check_stages(m, one_stage=True)
+    p, h = m.panet, m.mask_head
+    _check_fcn_head(m, h.num_convs, p.adaptive_pooling, p.fc_fusion)
+    levels = PANET_LEVELS if p.adaptive_pooling else 0
+    parts = _dense_parts(m)
+    (box_head,) = build_box_heads(m, levels or 1)
+    mask_head = FCNMaskHead(m.fpn.out_channels, h.num_convs, m.num_classes, False, levels, p.fc_fusion)
+    roi_heads = StandardRoIHeads(
+        box_head,
+        mask_head,
+        feature_relay=_relays(m, 1)[0] if m.feature_relay.enabled else None,
+        mask_iou_head=_mask_iou_head(m) if m.mask_iou.enabled else None,
+        mask_loss_weight=h.loss_weight,
+        mask_iou_loss_weight=m.mask_iou.loss_weight,
+        **stage_settings(m, p.adaptive_pooling),
+    )
+    return _detector(m, parts, roi_heads, build_context(m))
+
+
+def build_cascade_mask_rcnn(cfg) -> nn.Module:
+    """Cascade Mask R-CNN: one FCN mask head per stage; semantic branch, relay, global context optional."""
+    m = cfg.model
+    _check_stages(m)
+    h, c = m.mask_head, m.fpn.out_channels
+    _check_fcn_head(m, h.num_convs)
+    stages = len(m.roi_heads.stage_ious)
+    parts = _dense_parts(m)
+    box_heads = build_box_heads(m)
+    mask_heads = [FCNMaskHead(c, h.num_convs, m.num_classes) for _ in range(stages)]
+    context = build_context(m, m.semantic, m.global_context)
+    roi_heads = CascadeRoIHeads(
+        box_heads,
+        mask_heads,
+        feature_relays=_relays(m, stages) if m.feature_relay.enabled else None,
+        mask_loss_weights=[a * h.loss_weight for a in m.roi_heads.stage_loss_weights],
+        **stage_settings(m),
+    )
+    return _detector(m, parts, roi_heads, context)
+
+
+def build_htc(cfg) -> nn.Module:
+    """Hybrid Task Cascade: interleaved execution, mask information flow (switchable), semantic branch."""
+    m = cfg.model
+    _check_stages(m)
+    h, c = m.mask_head, m.fpn.out_channels
+    _check_fcn_head(m, h.num_convs)
+    stages = len(m.roi_heads.stage_ious)
+    parts = _dense_parts(m)
+    box_heads = build_box_heads(m)
+    # the information flow enters every head but the first
+    mask_heads = [FCNMaskHead(c, h.num_convs, m.num_classes, h.info_flow and k > 0) for k in range(stages)]
+    roi_heads = HTCRoIHeads(
+        box_heads,
+        mask_heads,
+        mask_loss_weights=[a * h.loss_weight for a in m.roi_heads.stage_loss_weights],
+        info_flow=h.info_flow,
+        **stage_settings(m),
+    )
+    return _detector(m, parts, roi_heads, build_context(m, m.semantic))
+
+
+def _scnet_mask_heads(m):
+    h, p, c = m.mask_head, m.panet, m.fpn.out_channels
+    levels = PANET_LEVELS if p.adaptive_pooling else 0
+    if h.num_heads < 1:
+        raise ValueError(f"model.mask_head.num_heads must be at least 1, got {h.num_heads}")
+    if h.type == "residual":
+        if h.num_convs < 2 or h.num_convs % 2:
+            raise ValueError(f"model.mask_head.num_convs={h.num_convs} must be even and >= 2 with "
+                             "model.mask_head.type=residual (the convs pair into residual blocks)")
+        return [SCNetMaskHead(c, h.num_convs // 2, m.num_classes, levels, p.fc_fusion) for _ in range(h.num_heads)]
+    if h.type == "fcn":
+        _check_fcn_head(m, h.num_convs, p.adaptive_pooling, p.fc_fusion)
+        return [FCNMaskHead(c, h.num_convs, m.num_classes, False, levels, p.fc_fusion) for _ in range(h.num_heads)]
+    raise ValueError(f"model.mask_head.type must be 'residual' or 'fcn', got {h.type!r}")
+
+
+def scnet_mask_loss_weights(m):
+    """beta (eq. 4) for a single head; with one head per stage (naive sample consistency, Table 3) the
+    cascade's alpha_t-proportional split; otherwise an even split."""
+    alphas, total, count = m.roi_heads.stage_loss_weights, m.mask_head.loss_weight, m.mask_head.num_heads
+    if count == 1:
+        return [total]
+    if count == len(alphas):
+        return [a * total / sum(alphas) for a in alphas]
+    return [total / count] * count
+
+
+def build_scnet(cfg) -> nn.Module:
+    """SCNet: box cascade, the mask branch on the last stage's samples, feature relay, global context."""
+    m = cfg.model
+    _check_stages(m)
+    if m.mask_iou.enabled and m.mask_head.num_heads != 1:
+        raise ValueError(f"model.mask_iou.enabled needs a single mask head, got model.mask_head.num_heads="
+                         f"{m.mask_head.num_heads}")
+    adaptive = m.panet.adaptive_pooling
+    parts = _dense_parts(m)
+    box_heads = build_box_heads(m, PANET_LEVELS if adaptive else 1)
+    mask_heads = _scnet_mask_heads(m)
+    context = build_context(m, m.semantic, m.global_context)
+    roi_heads = SCNetRoIHeads(
+        box_heads,
+        mask_heads,
+        feature_relays=_relays(m, len(mask_heads)) if m.feature_relay.enabled else None,
+        mask_iou_head=_mask_iou_head(m) if m.mask_iou.enabled else None,
+        mask_loss_weights=scnet_mask_loss_weights(m),
+        mask_iou_loss_weight=m.mask_iou.loss_weight,
+        **stage_settings(m, adaptive),
+    )
+    return _detector(m, parts, roi_heads, context)
+
+
 ARCHITECTURES = {
-    "scnet": build_two_stage,
-    "mask_rcnn": build_two_stage,
-    "cascade_mask_rcnn": build_two_stage,
-    "htc": build_two_stage,
+    "mask_rcnn": build_mask_rcnn,
+    "cascade_mask_rcnn": build_cascade_mask_rcnn,
+    "htc": build_htc,
+    "scnet": build_scnet,
 }
 
 
 def build_detector(cfg) -> nn.Module:
     if cfg.model.arch not in ARCHITECTURES:
         raise ValueError(f"unknown model.arch {cfg.model.arch!r}; choose from {sorted(ARCHITECTURES)}")
+    if cfg.model.num_classes < 1:
+        raise ValueError(f"model.num_classes must be at least 1, got {cfg.model.num_classes}")
     return ARCHITECTURES[cfg.model.arch](cfg)

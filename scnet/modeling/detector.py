@@ -1,4 +1,5 @@
-"""Two-stage detector: normalise + pad -> backbone -> FPN -> RPN -> RoI heads -> rescale + paste.
+"""Two-stage detector: normalise + pad -> backbone -> FPN -> RPN, image-level context -> RoI heads
+-> rescale + paste.
 
 Data contract (written once, here):
 
@@ -21,39 +22,37 @@ ratio, official rounding, §24.21), and one dict per image comes back, in that i
 ``model.inference(tensor, image_sizes, scale_factors, original_sizes)`` takes an already normalised
 and padded batch instead (e.g. the official pipeline's), which the numerical parity test uses.
 """
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.image_list import ImageList, pad_to
+from ..ops.image import as_chw_tensor, rescale_size
+from ..ops.image_list import ImageList
 from ..ops.masks import paste_masks
 
+# The image-level branches are the detector's (``context``), but their parameters keep the names of the
+# official layout, which has them in the RoI head (roi_head.semantic_head, roi_head.glbctx_head,
+# [impl 23.1]): the names every checkpoint so far and the converter's table use.
+CHECKPOINT_NAMES = (("context.semantic_head.", "roi_heads.semantic_head."),
+                    ("context.global_context.", "roi_heads.global_context."))
 
-def rescale_size(height, width, scale):
-    """Keep-ratio size fitting (long, short) = ``scale``: int(side * s + 0.5) (§16.1, §24.21)."""
-    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
 
-
-def _as_chw_tensor(image):
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an (H, W, 3) RGB array, got shape {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a (3, H, W) RGB tensor, got {getattr(image, 'shape', type(image))}")
-    return image
+def _rename(state_dict, prefix, pairs):
+    """Rename the keys ``prefix + a + rest`` to ``prefix + b + rest`` for each (a, b), in place. The renamed
+    keys move to the end, in their order: the context's parameters are the detector's last ones anyway."""
+    for old, new in pairs:
+        for key in [k for k in state_dict if k.startswith(prefix + old)]:
+            state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
 
 
 class TwoStageDetector(nn.Module):
     """
     Args:
-        backbone, neck, rpn, roi_heads: the four parts (see ``scnet.modeling.build``).
+        backbone, neck, rpn, roi_heads: the parts (see ``scnet.modeling.build``).
+        context: the image-level branches (``ContextBranches``; without branches it gives an empty
+            ImageContext), whose output every RoI head takes.
         pixel_mean, pixel_std: RGB, 0-255 scale.
         test_scale: (long, short) maximum sides of the inference resize.
-        semantic_pad_value: label of the padded border of the semantic targets (§19 row 1).
-        semantic_stride: stride of the semantic logits (8: P3).
     """
 
     def __init__(
@@ -62,26 +61,28 @@ class TwoStageDetector(nn.Module):
         neck,
         rpn,
         roi_heads,
+        context,
         pixel_mean=(123.675, 116.28, 103.53),
         pixel_std=(58.395, 57.12, 57.375),
         size_divisibility=32,
         test_scale=(1333, 800),
         mask_threshold=0.5,
-        semantic_pad_value=0,
-        semantic_stride=8,
     ):
         super().__init__()
         self.backbone = backbone
         self.neck = neck
         self.rpn = rpn
         self.roi_heads = roi_heads
+        self.context = context  # registered last: the parameter order of the official layout
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=False)
         self.size_divisibility = size_divisibility
         self.test_scale = tuple(test_scale)
         self.mask_threshold = mask_threshold
-        self.semantic_pad_value = semantic_pad_value
-        self.semantic_stride = semantic_stride
+        self.register_state_dict_post_hook(lambda module, sd, prefix, meta: _rename(sd, prefix, CHECKPOINT_NAMES))
+        self.register_load_state_dict_pre_hook(
+            lambda module, sd, prefix, *args: _rename(sd, prefix, [(b, a) for a, b in CHECKPOINT_NAMES])
+        )
 
     @property
     def device(self):
@@ -96,7 +97,7 @@ class TwoStageDetector(nn.Module):
 
     def normalize_and_pad(self, images):
         """(3, H_i, W_i) RGB 0-255 images -> ImageList of the normalised, zero-padded batch."""
-        normalized = [(_as_chw_tensor(im).to(self.device).float() - self.pixel_mean) / self.pixel_std for im in images]
+        normalized = [(as_chw_tensor(im).to(self.device).float() - self.pixel_mean) / self.pixel_std for im in images]
         return ImageList.from_tensors(normalized, self.size_divisibility)
 
     def extract_features(self, tensor):
@@ -104,8 +105,8 @@ class TwoStageDetector(nn.Module):
         return self.neck(self.backbone(tensor))
 
     def roi_features(self, features):
-        """The FPN levels as the RoI heads read them: on the CPU, channels-last, which our RoIAlign reads
-        in place (scnet/ops/roi_align.py), converted once rather than in each pooling of the cascade."""
+        """The FPN levels as the context branches and RoI heads read them: on the CPU, channels-last, which
+        our RoIAlign reads in place (scnet/ops/roi_align.py), converted once rather than in each pooling."""
         if features[0].device.type != "cpu":
             return features
         return [f.contiguous(memory_format=torch.channels_last) for f in features]
@@ -122,11 +123,10 @@ class TwoStageDetector(nn.Module):
             self._check_target(i, t, size)
         features = self.extract_features(batch.tensor)
         proposals, _, losses = self.rpn(features, batch.image_sizes, [t["boxes"] for t in targets])
-        semantic_target = None
-        if self.roi_heads.semantic_head is not None:
-            semantic_target = self._semantic_target(targets, batch.tensor.shape[-2:])
         features = self.roi_features(features)
-        losses.update(self.roi_heads.forward_train(features, proposals, batch.image_sizes, targets, semantic_target))
+        context, context_losses = self.context(features, targets, batch.tensor.shape[-2:])
+        losses.update(context_losses)
+        losses.update(self.roi_heads.forward_train(features, proposals, batch.image_sizes, targets, context))
         return losses
 
     def _check_target(self, i, target, image_size):
@@ -149,24 +149,13 @@ class TwoStageDetector(nn.Module):
         if problem:
             raise ValueError(f"target of image {i} (image_id {target.get('image_id', '?')}): {problem}")
 
-    def _semantic_target(self, targets, padded_size):
-        """Pad the full-resolution stuff maps, then take the pixels (8i, 8j) (§16.1 step 7, §24.14)."""
-        for i, t in enumerate(targets):
-            if "semantic_seg" not in t:
-                raise KeyError(
-                    f"target {i} has no 'semantic_seg' but the semantic branch is on; give stuff maps or "
-                    "set model.semantic.enabled=false"
-                )
-        maps = pad_to([t["semantic_seg"].long() for t in targets], padded_size, self.semantic_pad_value)
-        return maps[:, :: self.semantic_stride, :: self.semantic_stride]
-
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, images):
         """Resize each image to the test scale, run :meth:`inference`, return results in its pixels."""
         resized, scale_factors, original_sizes = [], [], []
         for image in images:
-            image = _as_chw_tensor(image).to(self.device)
+            image = as_chw_tensor(image).to(self.device)
             h, w = image.shape[-2:]
             new_h, new_w = rescale_size(h, w, self.test_scale)
             if (new_h, new_w) != (h, w):
@@ -192,7 +181,9 @@ class TwoStageDetector(nn.Module):
         original_sizes = original_sizes or image_sizes
         features = self.extract_features(tensor)
         proposals, _, _ = self.rpn(features, image_sizes)
-        detections = self.roi_heads.predict(self.roi_features(features), proposals, image_sizes)
+        features = self.roi_features(features)
+        context, _ = self.context(features)
+        detections = self.roi_heads.predict(features, proposals, image_sizes, context)
         return [self.postprocess(d, s, o) for d, s, o in zip(detections, scale_factors, original_sizes)]
 
     def postprocess(self, detection, scale_factor, original_size):

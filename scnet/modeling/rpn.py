@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from ..ops.boxes import BoxCoder, batched_nms, box_iou
 from .losses import smooth_l1_loss
-from .roi_heads.sampling import assign_by_iou, sample_positive_negative
+from .sampling import assign_by_iou, sample_positive_negative
 
 
 class AnchorGenerator(nn.Module):

@@ -12,7 +12,7 @@ from torchvision.ops import nms
 
 from ..ops.boxes import multiclass_nms
 from ..ops.masks import paste_masks
-from .detector import _as_chw_tensor, rescale_size
+from ..ops.image import as_chw_tensor, rescale_size
 
 # (short, long) maxima of the official multi-scale test (§15)
 OFFICIAL_SCALES = ((600, 900), (800, 1200), (1000, 1500), (1200, 1800), (1400, 2100))
@@ -35,6 +35,7 @@ class _View:
             resized = resized.flip(-1)
         batch = model.normalize_and_pad([resized])
         self.features = model.extract_features(batch.tensor)
+        self.context, _ = model.context(self.features)  # S and G of this view [impl 15]
         self.size = (new_h, new_w)
         self.flip = flip
         self.factors = torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h], device=image.device)
@@ -71,14 +72,12 @@ class TestTimeAugmentation:
     @torch.no_grad()
     def __call__(self, image):
         model, heads = self.model, self.model.roi_heads
-        image = _as_chw_tensor(image).to(model.device)
+        image = as_chw_tensor(image).to(model.device)
         views = [_View(model, image, scale, flip) for scale, flip in self.views]
-        for v in views:
-            v.semantic, v.context = heads.context_features(v.features)
         proposals = self._merged_proposals(views)
         boxes, scores = [], []
         for v in views:
-            (b,), (s,) = heads.cascade(v.features, [v.to_view(proposals)], [v.size], v.semantic, v.context)
+            (b,), (s,) = heads.predict_boxes(v.features, [v.to_view(proposals)], [v.size], v.context)
             boxes.append(v.to_original(b))
             scores.append(s)
         boxes, scores = torch.stack(boxes).mean(0), torch.stack(scores).mean(0)  # §15 step 2
@@ -101,5 +100,5 @@ class TestTimeAugmentation:
     def _mask_probs(self, view, boxes, labels):
         """(D, 28, 28) probabilities of each detection's class in one view, flipped back if needed."""
         heads = self.model.roi_heads
-        probs = heads.mask_probs(view.features, [view.to_view(boxes)], labels, view.semantic, view.context)
+        probs = heads.mask_probs(view.features, [view.to_view(boxes)], labels, view.context)
         return probs.flip(-1) if view.flip else probs

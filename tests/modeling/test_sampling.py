@@ -5,7 +5,7 @@ Assignment convention: -1 ignored, 0 negative, k + 1 matched to GT k.
 import pytest
 import torch
 
-from scnet.modeling.roi_heads.sampling import assign_by_iou, sample_positive_negative
+from scnet.modeling.sampling import assign_by_iou, sample_positive_negative
 
 RPN = (0.7, 0.3, 0.3)  # positive_iou, negative_iou, min_positive_iou
 

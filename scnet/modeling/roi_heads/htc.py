@@ -1,60 +1,62 @@
-"""Hybrid Task Cascade's RoI heads (Chen et al., CVPR 2019; spec §20.1), the baseline of SCNet's Table 1.
+"""Hybrid Task Cascade's RoI heads (Chen et al., CVPR 2019; [impl 20.1]), the baseline of SCNet's Table 1.
 
-What differs from the cascade of cascade.py:
-- interleaved execution: after box stage t, its sampled RoIs are regressed (GT rows dropped) and then
-  re-assigned and re-sampled with stage t's own IoU; mask head t trains on the positives of that
-  re-sampling (boxes *after* regression), and the regressed boxes are stage t+1's proposals;
-- mask information flow: head t's input gets a 1x1 conv of head t-1's last conv feature, computed on
-  the same RoIs by running the earlier heads' trunks.
-The semantic feature is fused as in SCNet; there is no global context and no feature relay.
+Three box stages and one 4-conv FCN mask head per stage, connected in two ways (HTC paper §3.1-3.2):
+- interleaved execution: the mask head of stage t trains on the boxes stage t has just regressed (the
+  proposals of stage t+1), re-assigned and re-sampled at stage t's IoU;
+- mask information flow: the input of head t gets a 1x1 conv of head t-1's last conv feature, computed
+  on the same RoIs by running the earlier heads' trunks (``info_flow=False`` drops it, HTC's ablation).
+The semantic feature comes with the image context; there is no global context and no feature relay.
 """
 import torch
 
-from ...ops.masks import mask_targets
 from ..poolers import rois_from_boxes
-from .cascade import CascadeRoIHeads
-from .mask_head import mask_loss
+from .base import RoIHeads
 
 
-class HTCRoIHeads(CascadeRoIHeads):
-    """A CascadeRoIHeads with one FCNMaskHead per stage (``mask_placement="per_stage"``), heads 1.. built
-    with ``info_flow=True``."""
+class HTCRoIHeads(RoIHeads):
+    """
+    Args:
+        box_heads, mask_heads: one of each per stage (FCNMaskHeads; heads 1.. with an ``info_flow``
+            conv when ``info_flow``).
+        mask_loss_weights: one per stage (alpha_t x the mask head's loss weight).
+        **kwargs: the box stages' settings (``RoIHeads``).
+    """
 
-    def forward_train(self, features, proposals, image_sizes, targets, semantic_target=None):
-        semantic, context, losses = self._semantic_and_context(features, targets, semantic_target)
-        for stage in range(self.num_stages):
-            samples = [self._match_and_sample(stage, p, t) for p, t in zip(proposals, targets)]
-            rois = rois_from_boxes([s.boxes for s in samples])
-            cls_logits, deltas, _ = self._run_box_stage(stage, features, rois, semantic, context)
-            losses.update(self._box_losses(stage, samples, cls_logits, deltas, targets))
-            proposals = self._refine_boxes(stage, samples, deltas, image_sizes)
-            with torch.no_grad():  # interleaved: re-sample among the regressed boxes for the mask head
-                mask_samples = [self._match_and_sample(stage, p, t) for p, t in zip(proposals, targets)]
-            losses.update(self._interleaved_mask_loss(stage, features, mask_samples, targets, semantic, context))
+    def __init__(self, box_heads, mask_heads, mask_loss_weights=(1.0, 0.5, 0.25), info_flow=True, **kwargs):
+        super().__init__(box_heads, **kwargs)
+        assert len(mask_heads) == len(box_heads) == len(mask_loss_weights)
+        assert all((head.info_flow is not None) == (info_flow and k > 0) for k, head in enumerate(mask_heads))
+        self.mask_heads = torch.nn.ModuleList(mask_heads)
+        self.mask_loss_weights = list(mask_loss_weights)
+        self.info_flow = info_flow
+
+    def forward_train(self, features, proposals, image_sizes, targets, context):
+        """Weighted losses ``s{t}.loss_cls``, ``s{t}.loss_box`` and ``s{t}.loss_mask`` of every stage."""
+        losses = {}
+        for stage in self.box_stages(features, proposals, image_sizes, targets, context):
+            losses.update(stage.losses)
+            t = stage.index
+            with torch.no_grad():  # interleaved: re-sample among the boxes this stage regressed
+                samples = [self._match_and_sample(t, boxes, target) for boxes, target in zip(stage.refined, targets)]
+            rois = rois_from_boxes([s.positive_boxes for s in samples])
+            logits = self._mask_logits(t, self.mask_features(features, rois, context))
+            loss, _ = self.mask_loss(logits, samples, targets)
+            losses[f"s{t}.loss_mask"] = self.mask_loss_weights[t] * loss
         return losses
 
-    def _interleaved_mask_loss(self, stage, features, samples, targets, semantic, context):
-        rois = rois_from_boxes([s.boxes[: s.num_positive] for s in samples])
-        x = self._mask_features(features, rois, semantic, context)
+    def _mask_logits(self, t, x):
+        """Mask head t's logits; with information flow, the trunks of heads 0..t-1 run first."""
         previous = None
-        for k in range(stage):  # the information flow through the earlier heads, on these RoIs
+        for k in range(t if self.info_flow else 0):
             previous = self.mask_heads[k].trunk(x, previous)
-        logits = self.mask_heads[stage](x, previous)
-        targets_28 = [
-            mask_targets(t["masks"], s.boxes[: s.num_positive], s.matched_gt, self.mask_resolution)
-            for s, t in zip(samples, targets)
-        ]
-        labels = torch.cat([s.labels[: s.num_positive] for s in samples])
-        loss = mask_loss(logits, torch.cat(targets_28), labels)
-        return {f"s{stage}.loss_mask": self.mask_loss_weights[stage] * loss}
+        return self.mask_heads[t](x, previous)
 
-    def mask_probs(self, features, boxes_per_image, labels, semantic, context):
-        """All heads on the final boxes, chained through the information flow; probabilities averaged."""
-        rois = rois_from_boxes(boxes_per_image)
-        x = self._mask_features(features, rois, semantic, context)
+    def mask_probs(self, features, boxes_per_image, labels, context):
+        """All heads on the final boxes (chained by the information flow), probabilities averaged."""
+        x = self.mask_features(features, rois_from_boxes(boxes_per_image), context)
         index = torch.arange(labels.numel(), device=labels.device)
         previous, total = None, 0
         for head in self.mask_heads:
-            previous = head.trunk(x, previous)
+            previous = head.trunk(x, previous if self.info_flow else None)
             total = total + head.logits(previous)[index, labels].sigmoid()
         return total / len(self.mask_heads)

@@ -127,6 +127,24 @@ def mask_iou_loss(pred_iou, labels, targets):
     return (error * error).sum() / valid.sum().clamp(min=1)
 
 
+def mask_iou_head_loss(head, mask_features, mask_logits, samples, mask_targets_28, targets):
+    """Unweighted MaskIoU loss of one image batch's positives (§21).
+
+    Args:
+        head: the MaskIoUHead; mask_features: (P, 256, 14, 14) the mask head's input (without relay);
+        mask_logits: (P, C, 28, 28); samples: per-image Samples (positives: boxes, labels, matched GT);
+        mask_targets_28: per-image (P_i, 28, 28) mask targets; targets: per-image dicts with ``masks``.
+    The mask probabilities enter the head without being detached (as mmdet); the IoU targets are.
+    """
+    labels = torch.cat([s.positive_labels for s in samples])
+    probs = mask_logits[torch.arange(labels.numel(), device=labels.device), labels].sigmoid()
+    iou_targets = [
+        mask_iou_targets(p.detach(), m, s.positive_boxes, t["masks"], s.matched_gt)
+        for p, m, s, t in zip(probs.split([s.num_positive for s in samples]), mask_targets_28, samples, targets)
+    ]
+    return mask_iou_loss(head(mask_features, probs[:, None]), labels, torch.cat(iou_targets))
+
+
 def mask_scores(pred_iou, labels, box_scores):
     """Mask score of each detection = predicted IoU of its predicted class x its box score (§21).
 

@@ -1,8 +1,8 @@
-"""Global context branch, SCNet §4.2 / Fig. 5 (spec §8).
+"""Global context branch, SCNet paper §4.2 / Fig. 5 [impl 8].
 
 P6 -> 2 residual blocks -> global average pooling = a 256-d context vector per image, which (a) feeds a
 multi-label classifier of the classes present, trained with BCE (lambda = 3), and (b) is added to every
-RoI feature of its image in all box stages and in the mask branch.
+RoI feature of its image in all box stages and in the mask branch (``ImageContext.add_to``).
 """
 import torch
 import torch.nn as nn
@@ -33,7 +33,3 @@ def global_context_loss(logits, labels_per_image):
         target[i, labels] = 1.0
     return F.binary_cross_entropy_with_logits(logits, target, reduction="mean")
 
-
-def add_context(roi_features, context, rois):
-    """Add each image's (C, 1, 1) context vector to the features of its RoIs (§24.17)."""
-    return roi_features + context[rois[:, 0].long()]
