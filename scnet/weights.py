@@ -1,4 +1,4 @@
-"""Loading weights: this codebase's checkpoints, and official MMDetection checkpoints (spec §23).
+"""Loading weights: this codebase's checkpoints, and official MMDetection checkpoints [impl 23].
 
 The official files are dicts ``{"meta": ..., "state_dict": ...}`` with MMDetection's module names.
 ``convert_mmdet_state_dict`` renames every key with the table ``MMDET_RULES``; a key that no rule
@@ -11,7 +11,7 @@ import torch
 
 # (official name pattern, our name). Applied in order; the first full match wins.
 MMDET_RULES = [
-    (r"backbone\.(.+)", r"backbone.\1"),  # torchvision names on both sides (§23.2)
+    (r"backbone\.(.+)", r"backbone.\1"),  # torchvision names on both sides [impl 23.2]
     (r"neck\.lateral_convs\.(\d+)\.conv\.(weight|bias)", r"neck.lateral_convs.\1.\2"),
     (r"neck\.fpn_convs\.(\d+)\.conv\.(weight|bias)", r"neck.output_convs.\1.\2"),
     (r"rpn_head\.rpn_conv\.(weight|bias)", r"rpn.head.conv.\1"),

@@ -13,17 +13,14 @@ usable image, ...), 0 otherwise.
 import argparse
 import functools
 import multiprocessing
-import os
 import sys
 from collections import Counter
 
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from scnet.data import checks  # noqa: E402
-from scnet.data.checks import ERROR, FIXED, SKIPPED, DataError, LoadError, Problem  # noqa: E402
-from scnet.data.coco import load_record  # noqa: E402
+from scnet.data import checks
+from scnet.data.checks import ERROR, FIXED, SKIPPED, DataError, LoadError, Problem
+from scnet.data.coco import load_record
 
 # notes of checks.decode_image that are reported, with what they mean
 NOTES = {
@@ -132,7 +129,7 @@ def print_summary(problems, notes, stats):
             print(f"  {kind:<40} {n:>6}  {action}")
     print("not errors, for information:")
     crowd = stats.get("crowd annotations", 0)
-    print(f"  {'crowd annotations':<40} {crowd:>6}  not used as ground truth in training (§24.28)")
+    print(f"  {'crowd annotations':<40} {crowd:>6}  not used as ground truth in training [impl 24.28]")
     for kind, (label, meaning) in NOTES.items():
         print(f"  {label:<40} {notes.get(kind, 0):>6}  {meaning}")
     errors = sum(n for (_, action), n in counts.items() if action == ERROR)

@@ -14,11 +14,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import scnet  # noqa: E402
-from scnet.config import to_dict  # noqa: E402
-from scnet.weights import (  # noqa: E402
+import scnet
+from scnet.config import to_dict
+from scnet.weights import (
     convert_mmdet_state_dict,
     extract_state_dict,
     is_mmdet_state_dict,

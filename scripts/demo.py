@@ -28,13 +28,11 @@ import pycocotools.mask as mask_util
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import scnet  # noqa: E402
-from scnet.config import get_cfg  # noqa: E402
-from scnet.data.checks import DataError, LoadError, category_mapping, decode_image, load_annotation_file  # noqa: E402
-from scnet.utils.malloc import keep_freed_memory  # noqa: E402
-from scnet.utils.visualize import draw_instances  # noqa: E402
+import scnet
+from scnet.config import get_cfg
+from scnet.data.checks import DataError, LoadError, category_mapping, decode_image, load_annotation_file
+from scnet.utils.malloc import keep_freed_memory
+from scnet.utils.visualize import draw_instances
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on a COCO-format validation set (bbox and segm AP, spec §13, §16.2), or
+"""Evaluate a checkpoint on a COCO-format validation set (bbox and segm AP, [impl 13], [impl 16.2]), or
 evaluate an existing results file.
 
     python scripts/eval.py --cfg configs/r50_20e.yaml --weights scnet_r50_20e.pth [--tta] [key.sub=value ...]
@@ -14,22 +14,19 @@ and the progress bar go to stderr.
 import argparse
 import json
 import os
-import sys
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import scnet  # noqa: E402
-from scnet.config import get_cfg  # noqa: E402
-from scnet.data.coco import CocoDataset  # noqa: E402
-from scnet.engine import dist  # noqa: E402
-from scnet.engine.compile import compile_dense_parts  # noqa: E402
-from scnet.engine.evaluate import gather_results, inference_on_dataset  # noqa: E402
-from scnet.modeling.tta import TestTimeAugmentation  # noqa: E402
-from scnet.utils.malloc import keep_freed_memory  # noqa: E402
-from scnet.evaluation.coco_eval import (  # noqa: E402
+import scnet
+from scnet.config import get_cfg
+from scnet.data.coco import CocoDataset
+from scnet.engine import dist
+from scnet.engine.compile import compile_dense_parts
+from scnet.engine.evaluate import gather_results, inference_on_dataset
+from scnet.modeling.tta import TestTimeAugmentation
+from scnet.utils.malloc import keep_freed_memory
+from scnet.evaluation.coco_eval import (
     IOU_TYPES,
     evaluate,
     format_per_category_table,
@@ -43,7 +40,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", help="YAML config (default: SCNet R-50 20e)")
     parser.add_argument("--weights", help="checkpoint: ours ({'model': state_dict}) or an official MMDetection one")
-    parser.add_argument("--tta", action="store_true", help="test-time augmentation: flip x 5 scales (§15)")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: flip x 5 scales [impl 15]")
     parser.add_argument("--compile", action="store_true", help="torch.compile the dense parts (scnet/engine/compile.py)")
     parser.add_argument("--output-dir", help="default: output/<config name>/eval, or the folder of --results")
     parser.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")

@@ -21,20 +21,17 @@ import contextlib
 import json
 import os
 import random
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import scnet  # noqa: E402
-from scnet.config import get_cfg  # noqa: E402
-from scnet.data.build import build_train_dataset  # noqa: E402
-from scnet.data.coco import CocoDataset  # noqa: E402
-from scnet.ops.boxes import box_iou  # noqa: E402
-from scnet.utils.visualize import draw_histogram  # noqa: E402
+import scnet
+from scnet.config import get_cfg
+from scnet.data.build import build_train_dataset
+from scnet.data.coco import CocoDataset
+from scnet.ops.boxes import box_iou
+from scnet.utils.visualize import draw_histogram
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.75)  # the red percentages of the paper's Figure 1
 BIN_EDGES = np.round(np.linspace(0.5, 1.0, 11), 2)  # bins of 0.05, as in the paper

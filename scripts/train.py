@@ -8,37 +8,41 @@ per GPU, SGD with the official schedule (lr 0.02 per 16 images, scaled linearly;
 Checkpoints go to ``--output-dir`` every ``train.checkpoint_period`` iterations and at the end of every
 epoch; ``--resume auto`` continues from the newest valid one, mid-epoch included. The trained weights
 alone are written to ``model_final.pth`` at the end.
+
+``main`` reads top to bottom: ``set_up``, then ``train`` (the loop), then the final weights.
 """
 import argparse
 import os
 import random
 import sys
+import time
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import scnet  # noqa: E402
-from scnet.config import dump, get_cfg, to_dict  # noqa: E402
-from scnet.data.build import build_train_dataset, build_train_loader  # noqa: E402
-from scnet.engine import dist  # noqa: E402
-from scnet.engine.checkpoint import all_finite, list_checkpoints, resolve_resume, save_checkpoint  # noqa: E402
-from scnet.engine.compile import compile_dense_parts  # noqa: E402
-from scnet.engine.logger import TrainLogger  # noqa: E402
-from scnet.engine.train import (  # noqa: E402
+import scnet
+from scnet.config import Config, dump, get_cfg, to_dict
+from scnet.data.build import build_train_dataset, build_train_loader
+from scnet.engine import dist
+from scnet.engine.checkpoint import all_finite, list_checkpoints, resolve_resume, save_checkpoint
+from scnet.engine.compile import compile_dense_parts
+from scnet.engine.logger import TrainLogger
+from scnet.engine.train import (
     NonFiniteError,
     TrainState,
     checkpoint_state,
+    count_nonfinite_step,
     restore_state,
     scaled_base_lr,
-    train_one_epoch,
+    set_learning_rate,
+    train_step,
     weights_digest,
 )
-from scnet.modeling.backbone.resnet import load_pretrained  # noqa: E402
-from scnet.utils.malloc import keep_freed_memory  # noqa: E402
+from scnet.modeling.backbone.resnet import load_pretrained
+from scnet.utils.malloc import keep_freed_memory
 
 
 def parse_args():
@@ -52,18 +56,43 @@ def parse_args():
     return parser.parse_args()
 
 
-def report_skipped(dataset, log):
-    """Say what the dataset dropped at construction, by reason, with a few file names."""
-    if not dataset.skipped:
-        return
-    reasons = Counter(reason.split(":")[0] for _, reason in dataset.skipped)
-    log(f"data: {len(dataset.skipped)} items skipped or dropped while reading the annotations: {dict(reasons)}")
-    for name, reason in dataset.skipped[:10]:
-        log(f"  {name}: {reason}")
+class Run(NamedTuple):
+    """What ``main`` sets up and the loop uses."""
+
+    cfg: Config
+    device: torch.device
+    output_dir: str
+    model: torch.nn.Module  # wrapped in DistributedDataParallel when there are several processes
+    module: torch.nn.Module  # the model itself: checkpoints and weight digests
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: torch.utils.data.DataLoader
+    logger: TrainLogger
+    base_lr: float
+    total_iters: int
 
 
 def main():
     args = parse_args()
+    run, state, dataset = set_up(args)
+    try:
+        load_issues = train(run, state)
+    except NonFiniteError as e:
+        newest = list_checkpoints(run.output_dir)
+        run.logger.info(f"ERROR: {e}. Newest good checkpoint: {newest[0] if newest else 'none'}")
+        run.logger.close()
+        dist.cleanup()
+        sys.exit(1)
+    save_final_weights(run, state)
+    run.logger.close()
+    if dist.is_main_process():
+        print(f"done: {state.iteration} iterations; skipped: {len(dataset.skipped)} items while reading the "
+              f"annotations, {load_issues} problems while loading images, {state.nonfinite_steps} non-finite steps")
+    dist.cleanup()
+
+
+def set_up(args):
+    """Processes, config, model, data, optimizer, and the state to start from (fresh or resumed)."""
     device = dist.init_distributed()
     if device.type == "cpu":
         keep_freed_memory()  # large activations reused, not re-mapped each step (scnet/utils/malloc.py)
@@ -86,7 +115,7 @@ def main():
     loader = build_train_loader(
         dataset, cfg.solver.images_per_gpu, world, rank, cfg.seed, cfg.data.flip_prob, cfg.data.num_workers
     )
-    params = [p for p in model.parameters() if p.requires_grad]  # weight decay on all of them (§24.29)
+    params = [p for p in model.parameters() if p.requires_grad]  # weight decay on all of them [impl 24.29]
     base_lr = scaled_base_lr(cfg.solver, world)
     optimizer = torch.optim.SGD(params, lr=base_lr, momentum=cfg.solver.momentum, weight_decay=cfg.solver.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.solver.amp == "fp16")
@@ -103,11 +132,11 @@ def main():
         if cfg.model.backbone.pretrained:
             load_pretrained(model.backbone, cfg.model.backbone.pretrained)
             log(f"backbone initialised from {cfg.model.backbone.pretrained}")
-    model_without_ddp = model
     if args.compile:
         compile_dense_parts(model)  # in place: parameter names and checkpoints unchanged
+    wrapped = model
     if world > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     iters_per_epoch = len(loader.batch_sampler)
     total_iters = cfg.solver.epochs * iters_per_epoch
@@ -116,49 +145,83 @@ def main():
     log(f"{len(dataset)} images, {world} process(es) x {cfg.solver.images_per_gpu} images, "
         f"{iters_per_epoch} iterations/epoch, {total_iters} in total, base lr {base_lr:g}")
     logger = TrainLogger(output_dir, total_iters, state.iteration, cfg.train.log_period, dist.is_main_process())
+    run = Run(cfg, device, output_dir, wrapped, model, optimizer, scaler, loader, logger, base_lr, total_iters)
+    return run, state, dataset
 
-    saved_at = [None]
 
-    def save():
-        if saved_at[0] == state.iteration or not state.last_step_finite:
-            return  # after a skipped step the newest checkpoint stays the one before it
-        if not dist.all_true(all_finite(model_without_ddp.state_dict()), device):  # collective: no hang
-            raise NonFiniteError(f"NaN/Inf weights at iteration {state.iteration}: not saved")
-        ckpt = checkpoint_state(model_without_ddp, optimizer, scaler, state, cfg)
-        if dist.is_main_process():
-            logger.info(f"checkpoint -> {save_checkpoint(ckpt, output_dir, cfg.train.keep_checkpoints)}")
-        saved_at[0] = state.iteration
-        dist.barrier()
-
-    model.train()
+def train(run, state):
+    """From ``state`` to ``run.total_iters``: for each batch, one SGD step at the scheduled learning rate
+    and a log record; a checkpoint every ``train.checkpoint_period`` iterations, at the end of every epoch
+    and at the end. Returns the number of problems met while loading images."""
+    solver, period = run.cfg.solver, run.cfg.train.checkpoint_period
+    iters_per_epoch = len(run.loader.batch_sampler)
+    if state.batch_in_epoch >= iters_per_epoch:  # resumed from a checkpoint of an epoch's last batch
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     load_issues = 0
-    try:
-        while state.epoch < cfg.solver.epochs and state.iteration < total_iters:
-            loader.batch_sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            train_one_epoch(model, optimizer, scaler, loader, state, cfg, logger, device, base_lr, total_iters, save)
-            if state.batch_in_epoch >= iters_per_epoch:
+    run.model.train()
+    while state.iteration < run.total_iters:
+        run.loader.batch_sampler.set_epoch(state.epoch, state.batch_in_epoch)  # the rest of this epoch
+        end = time.time()
+        for images, targets in run.loader:
+            data_time = time.time() - end
+            lr = set_learning_rate(run.optimizer, state, solver, run.base_lr)
+            state.load_issues += [issue for t in targets for issue in t.get("issues", [])]
+            losses, state.last_step_finite = train_step(
+                run.model, run.optimizer, run.scaler, images, targets, solver, run.device
+            )
+            if not state.last_step_finite:
+                count_nonfinite_step(state, losses, targets, run.cfg.train.max_nonfinite_steps, run.logger)
+            state.iteration += 1
+            state.batch_in_epoch += 1
+            losses = dist.reduce_dict(losses)
+            run.logger.record(state.iteration, state.epoch, losses, lr, time.time() - end, data_time, run.device)
+            if state.batch_in_epoch == iters_per_epoch:  # a checkpoint from here resumes with the next epoch
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            save()
-            load_issues += report_load_issues(state, logger)
-    except NonFiniteError as e:
-        newest = list_checkpoints(output_dir)
-        logger.info(f"ERROR: {e}. Newest good checkpoint: {newest[0] if newest else 'none'}")
-        logger.close()
-        dist.cleanup()
-        sys.exit(1)
-    if dist.is_main_process():  # the trained weights alone, for eval.py / demo.py / build_model
-        final = os.path.join(output_dir, "model_final.pth")
-        torch.save({"model": model_without_ddp.state_dict(), "config": to_dict(cfg)}, final + ".tmp")
+            if (period and state.iteration % period == 0) or state.batch_in_epoch == 0 or \
+                    state.iteration == run.total_iters:
+                save_checkpoint_if_good(run, state)
+            if state.iteration == run.total_iters:
+                break
+            end = time.time()
+        load_issues += report_load_issues(state, run.logger)
+    return load_issues
+
+
+def save_final_weights(run, state):
+    """model_final.pth (the weights alone, for eval.py, demo.py and build_model) and every process's
+    weight digest in the log (they must be equal)."""
+    if dist.is_main_process():
+        final = os.path.join(run.output_dir, "model_final.pth")
+        torch.save({"model": run.module.state_dict(), "config": to_dict(run.cfg)}, final + ".tmp")
         os.replace(final + ".tmp", final)
-        log(f"final weights -> {final}")
-    digests = dist.all_gather_object(weights_digest(model_without_ddp))
-    logger.write_json({"iteration": state.iteration, "weights_sha1": digests})
+        print(f"final weights -> {final}")
+    digests = dist.all_gather_object(weights_digest(run.module))
+    run.logger.write_json({"iteration": state.iteration, "weights_sha1": digests})
     if len(set(digests)) > 1:
-        logger.info(f"WARNING: the processes ended with different weights: {digests}")
-    logger.close()
-    log(f"done: {state.iteration} iterations; skipped: {len(dataset.skipped)} items while reading the "
-        f"annotations, {load_issues} problems while loading images, {state.nonfinite_steps} non-finite steps")
-    dist.cleanup()
+        run.logger.info(f"WARNING: the processes ended with different weights: {digests}")
+
+
+def save_checkpoint_if_good(run, state):
+    """Write a checkpoint (collective). Not right after a skipped step: the newest checkpoint stays the
+    last good one. Weights that went NaN/Inf stop the run."""
+    if not state.last_step_finite:
+        return
+    if not dist.all_true(all_finite(run.module.state_dict()), run.device):  # collective: no hang
+        raise NonFiniteError(f"NaN/Inf weights at iteration {state.iteration}: not saved")
+    checkpoint = checkpoint_state(run.module, run.optimizer, run.scaler, state, run.cfg)
+    if dist.is_main_process():
+        run.logger.info(f"checkpoint -> {save_checkpoint(checkpoint, run.output_dir, run.cfg.train.keep_checkpoints)}")
+    dist.barrier()
+
+
+def report_skipped(dataset, log):
+    """Say what the dataset dropped at construction, by reason, with a few file names."""
+    if not dataset.skipped:
+        return
+    reasons = Counter(reason.split(":")[0] for _, reason in dataset.skipped)
+    log(f"data: {len(dataset.skipped)} items skipped or dropped while reading the annotations: {dict(reasons)}")
+    for name, reason in dataset.skipped[:10]:
+        log(f"  {name}: {reason}")
 
 
 def report_load_issues(state, logger):

@@ -21,7 +21,9 @@ CASCADE = ["baselines/cascade_mask_rcnn_r50_1x.yaml", "baselines/cascade_mask_rc
            "ablations/table2_baseline.yaml", "ablations/table2_fr.yaml", "ablations/table2_gc.yaml",
            "ablations/table4_cascade_fr.yaml"]
 HTC = ["baselines/htc_r50_1x.yaml"]
-ALL_CONFIGS = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True))
+ALL_CONFIGS = sorted(
+    os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True)
+)
 EXPECTED = {name: SCNetRoIHeads for name in ALL_CONFIGS}
 EXPECTED.update({name: StandardRoIHeads for name in STANDARD})
 EXPECTED.update({name: CascadeRoIHeads for name in CASCADE})

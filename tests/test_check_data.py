@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from scnet.data.synthetic import BAD_INPUTS, inject_bad_inputs, make_synthetic_coco
+from scnet.data.synthetic import make_synthetic_coco
 
+from bad_inputs import BAD_INPUTS, inject_bad_inputs
 from conftest import ROOT
 
 SAMPLE = os.environ.get("SCNET_COCO_SAMPLE", os.path.join(ROOT, "..", "shared", "data", "coco_train2017_sample"))

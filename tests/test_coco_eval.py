@@ -1,4 +1,4 @@
-"""COCO evaluation (§13 step 8, §16.2): result conversion, ground truth as predictions = AP 1 (generated
+"""COCO evaluation ([impl 13] step 8, [impl 16.2]): result conversion, ground truth as predictions = AP 1 (generated
 data and real COCO), summaries as pycocotools prints them, zero detections, wrong ids, skipped
 images, and 1 vs 2 processes (gloo) giving the same results and metrics."""
 import contextlib

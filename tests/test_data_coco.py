@@ -1,4 +1,4 @@
-"""CocoDataset (§16.1, §16.3, §24.22, §24.28): real COCO images, a generated dataset with every bad
+"""CocoDataset [impl 16.1, 16.3, 24.22, 24.28]: real COCO images, a generated dataset with every bad
 input, image decoding, semantic targets through the model, and the synthetic generator."""
 import json
 import os
@@ -12,9 +12,10 @@ from pycocotools.coco import COCO
 
 from scnet.data.checks import LoadError, annotation_problem, box_partly_outside, decode_image
 from scnet.data.coco import CocoDataset, instance_semantic_map
-from scnet.data.synthetic import BAD_INPUTS, STUFF_IDS, inject_bad_inputs, make_synthetic_coco
+from scnet.data.synthetic import STUFF_IDS, make_synthetic_coco
 from scnet.ops.image_list import pad_to
 
+from bad_inputs import BAD_INPUTS, inject_bad_inputs
 from conftest import ROOT, tiny_model
 
 SAMPLE = os.environ.get("SCNET_COCO_SAMPLE", os.path.join(ROOT, "..", "shared", "data", "coco_train2017_sample"))

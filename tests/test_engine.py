@@ -15,7 +15,7 @@ from conftest import CONFIGS
 @pytest.mark.parametrize("total_batch, base", [(16, 0.02), (2, 0.0025)])
 @pytest.mark.parametrize("config, steps", [("r50_20e.yaml", (16, 19)), ("r50_1x.yaml", (8, 11))])
 def test_learning_rate_schedule_values(total_batch, base, config, steps):
-    """§17: linear warm-up from 0.001 x lr over 500 iterations, x0.1 at the step epochs."""
+    """[impl 17]: linear warm-up from 0.001 x lr over 500 iterations, x0.1 at the step epochs."""
     solver = get_cfg(os.path.join(CONFIGS, config), [f"solver.images_per_gpu={total_batch}"]).solver
     lr0 = scaled_base_lr(solver, world_size=1)
     assert lr0 == pytest.approx(base, rel=1e-12)

@@ -1,4 +1,4 @@
-"""MaskIoU head of Mask Scoring R-CNN (spec §21): layout against mmdet's state_dict manifest, forward
+"""MaskIoU head of Mask Scoring R-CNN [impl 21]: layout against mmdet's state_dict manifest, forward
 shapes, hand-computed IoU targets (area ratio, threshold), the loss and the test-time rescoring."""
 import json
 import math

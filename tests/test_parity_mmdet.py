@@ -192,7 +192,7 @@ def test_masks(parity):
     if config.startswith("htc"):
         # MMDetection 3.3.0's HTC keeps only the LAST head's masks at test (in HTCRoIHead._mask_forward,
         # `aug_masks.append` sits outside the loop over the heads); 2.x, which trained the released
-        # models, and spec §20.1 average the three heads, as we do. So the reference equals our last
+        # models, and [impl 20.1] average the three heads, as we do. So the reference equals our last
         # head (run through the same information flow), and our averaged masks legitimately differ.
         last = ours["last_head_logits"][np.arange(len(ours["labels"])), ours["labels"]]
         np.testing.assert_allclose(1 / (1 + np.exp(-last)), ref["mask_probs"], atol=1e-3, rtol=0)

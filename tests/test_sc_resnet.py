@@ -12,7 +12,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scnet.modeling.backbone.resnet import FrozenBatchNorm2d, load_pretrained
-from scnet.modeling.backbone.sc_resnet import SCConv, SCResNet, SCResNetClassifier
+from scnet.modeling.backbone.sc_resnet import SCConv, SCResNet
+
+
+class SCResNetClassifier(SCResNet):
+    """The official ImageNet classifier: SC-ResNet + global average pool + ``fc`` (2048 -> classes).
+
+    Its state dict has the official checkpoint's keys one for one (backbone keys at the top level, plus
+    ``fc.weight`` / ``fc.bias``); used to count the parameters reported in the official README
+    (SC-ResNet-50 25.56M, -50-v1d 25.58M, -101 44.57M). Nothing is frozen. ``(N, 3, H, W) -> (N, classes)``.
+    """
+
+    def __init__(self, depth=50, deep_stem=False, avg_down=False, num_classes=1000, base_channels=64):
+        super().__init__(depth, deep_stem, avg_down, base_channels, frozen_stages=-1)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(self.out_channels[-1], num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(super().forward(x)[-1]), 1))
+
 
 # name -> (SCResNet kwargs, parameters with the 1000-class fc, backbone-only parameters, README figure)
 VARIANTS = {

@@ -153,7 +153,7 @@ def test_ddp_across_two_nodes_with_an_empty_batch_on_one_rank(tmp_path):
 
 
 def test_training_on_a_dataset_with_every_bad_input_completes_and_reports_the_skips(tmp_path):
-    from scnet.data.synthetic import BAD_INPUTS, inject_bad_inputs
+    from bad_inputs import BAD_INPUTS, inject_bad_inputs
 
     root = tmp_path / "data"
     make_synthetic_coco(str(root), num_images=len(BAD_INPUTS) + 5, seed=2, split_name="train")

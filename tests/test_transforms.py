@@ -1,4 +1,4 @@
-"""Train-time geometry (§16.1 steps 3-4, §24.2, §24.21, §24.22) against hand-computed cases."""
+"""Train-time geometry ([impl 16.1] steps 3-4, [impl 24.2], [impl 24.21], [impl 24.22]) against hand-computed cases."""
 import pytest
 import torch
 
@@ -18,7 +18,7 @@ from scnet.data.transforms import hflip, resize, resize_image, resize_nearest, r
 def test_resize_scale_official_rounding(size, scale, expected):
     new_h, new_w, w_scale, h_scale = resize_scale(*size, scale)
     assert (new_h, new_w) == expected
-    # the factors are recomputed from the rounded size, per axis (§24.21)
+    # the factors are recomputed from the rounded size, per axis [impl 24.21]
     assert w_scale == new_w / size[1] and h_scale == new_h / size[0]
 
 

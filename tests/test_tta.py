@@ -1,4 +1,4 @@
-"""Test-time augmentation (§15): geometry of the views, and the official 10-view merge on a tiny model."""
+"""Test-time augmentation [impl 15]: geometry of the views, and the official 10-view merge on a tiny model."""
 import torch
 
 from scnet.modeling.tta import OFFICIAL_SCALES, TestTimeAugmentation

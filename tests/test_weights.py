@@ -15,7 +15,7 @@ from scnet.weights import convert_mmdet_state_dict, mmdet_backbone_overrides, mm
 from conftest import CONFIGS, ROOT
 
 MANIFESTS = os.path.join(ROOT, "tests", "data", "mmdet_state_dicts")
-OFFICIAL_MODELS = {  # every manifest of the spec, with our config of the same model
+OFFICIAL_MODELS = {  # every manifest in tests/data, with our config of the same model
     "scnet_r50_fpn_20e_coco": "r50_20e.yaml",
     "scnet_x101-64x4d_fpn_20e_coco": "x101_64x4d_20e.yaml",
     "mask-rcnn_r50_fpn_1x_coco": "baselines/mask_rcnn_r50_1x.yaml",

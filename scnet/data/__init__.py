@@ -1,4 +1,4 @@
-"""Data layer: COCO-format datasets -> (image, target dict) in the detector's data contract (§16).
+"""Data layer: COCO-format datasets -> (image, target dict) in the detector's data contract [impl 16].
 
     coco.py        CocoDataset: COCO instances (+ COCO-stuff maps or instance-derived semantic maps)
     transforms.py  train-time geometry: keep-ratio resize (official rounding) and horizontal flip

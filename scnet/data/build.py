@@ -14,7 +14,7 @@ from .coco import CocoDataset
 
 
 class GroupedBatchSampler(Sampler):
-    """Yields this process's batches of ``(index, flip)`` for one epoch (§16.1 step 8).
+    """Yields this process's batches of ``(index, flip)`` for one epoch ([impl 16.1] step 8).
 
     The sampler draws *global* batches of ``batch_size * num_replicas`` images of one aspect group
     (landscape vs portrait, as the official group sampler), and process r takes the r-th slice of each.

@@ -1,4 +1,4 @@
-"""Every rule that drops, fixes or replaces an input of a COCO-format dataset (§16.1, §16.3, §24.28).
+"""Every rule that drops, fixes or replaces an input of a COCO-format dataset [impl 16.1, 16.3, 24.28].
 
 One implementation of each rule. ``CocoDataset`` applies them at construction (``index_coco``) and
 in ``__getitem__`` (``load_record``); ``scripts/check_data.py`` runs the very same functions over the
@@ -18,7 +18,7 @@ from PIL import ExifTags, Image, ImageOps
 
 SKIPPED, FIXED, ERROR = "skipped", "used after fix", "error"
 SEMANTIC_SOURCES = ("stuff_maps", "instances", "none")
-IGNORE_LABEL = 255  # COCO-stuff "unlabeled" and the semantic loss's ignore index (§16.3)
+IGNORE_LABEL = 255  # COCO-stuff "unlabeled" and the semantic loss's ignore index [impl 16.3]
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
@@ -70,7 +70,7 @@ def load_annotation_file(path):
 
 
 def category_mapping(categories):
-    """(sorted COCO category ids, their names): contiguous label i <-> category_ids[i] (§16.1 step 2)."""
+    """(sorted COCO category ids, their names): contiguous label i <-> category_ids[i] ([impl 16.1] step 2)."""
     names = {}
     for c in categories:
         if not isinstance(c, dict) or not isinstance(c.get("id"), int) or isinstance(c.get("id"), bool):
@@ -91,7 +91,7 @@ def _is_number(v):
 
 
 def segmentation_problem(segmentation, height, width):
-    """(kind, detail) when a segmentation cannot give a mask, else None (§24.22)."""
+    """(kind, detail) when a segmentation cannot give a mask, else None [impl 24.22]."""
     if segmentation is None or (isinstance(segmentation, (list, dict)) and len(segmentation) == 0):
         return "empty segmentation", ""
     if isinstance(segmentation, list):
@@ -136,7 +136,7 @@ def _compressed_rle_length(counts):
 
 
 def annotation_problem(ann, height, width, category_to_label):
-    """(kind, detail) of the first rule that drops ``ann``, or None when it is usable (§16.1).
+    """(kind, detail) of the first rule that drops ``ann``, or None when it is usable [impl 16.1].
 
     The box rules are mmdet 2.x ``CocoDataset._parse_ann_info``; crowd is decided by the caller.
     """
@@ -161,7 +161,7 @@ def annotation_problem(ann, height, width, category_to_label):
 
 
 def box_partly_outside(bbox, height, width):
-    """True when a usable box crosses the image border; it is clipped after the resize (§16.1 step 3)."""
+    """True when a usable box crosses the image border; it is clipped after the resize ([impl 16.1] step 3)."""
     x, y, w, h = bbox
     return x < 0 or y < 0 or x + w > width or y + h > height
 
@@ -180,7 +180,7 @@ def image_entry_problem(info):
 
 
 def stuff_map_name(file_name):
-    """COCO-stuff map of an image: same relative path, extension .png (§16.1 step 2)."""
+    """COCO-stuff map of an image: same relative path, extension .png ([impl 16.1] step 2)."""
     return os.path.splitext(file_name)[0] + ".png"
 
 
@@ -222,7 +222,7 @@ class _Listing:
 
 
 def image_problem(entry, training, min_size, images, stuff_maps=None, keep_empty=False):
-    """(kind, detail) when an image is dropped at construction, else None (§16.1, mmdet ``_filter_imgs``).
+    """(kind, detail) when an image is dropped at construction, else None ([impl 16.1], mmdet ``_filter_imgs``).
 
     ``entry`` holds the image ``info``, its usable ``instances``, and counts of its annotations.
     ``keep_empty`` keeps training images without usable annotations (pure negatives; the official
@@ -237,7 +237,7 @@ def image_problem(entry, training, min_size, images, stuff_maps=None, keep_empty
         if entry["num_annotations"] == 0:
             return "no annotations", ""
         if entry["num_crowd"] == entry["num_annotations"]:
-            return "crowd-only", f"{entry['num_crowd']} crowd annotation(s); crowds are not ground truth, §24.28"
+            return "crowd-only", f"{entry['num_crowd']} crowd annotation(s); crowds are not ground truth, [impl 24.28]"
         return "no usable annotation", f"all {entry['num_annotations']} annotations dropped"
     if stuff_maps is not None and stuff_map_name(info["file_name"]) not in stuff_maps:
         return "missing stuff map", os.path.join(stuff_maps.directory, stuff_map_name(info["file_name"]))
@@ -280,7 +280,7 @@ def _add_annotation(ann, entries, category_to_label, problems, stats):
     if problem:
         detail = f"annotation {ann.get('id')}{' (crowd)' if crowd else ''}" + (f": {problem[1]}" if problem[1] else "")
         problems.append(Problem(info["file_name"], problem[0], detail, SKIPPED))
-    elif crowd:  # neither ground truth nor ignore region (§24.28); kept for "instances" semantic maps
+    elif crowd:  # neither ground truth nor ignore region [impl 24.28]; kept for "instances" semantic maps
         entry["crowd"].append({"id": ann.get("id"), "segmentation": ann["segmentation"]})
     else:
         entry["instances"].append({
@@ -370,7 +370,7 @@ def check_image_size(array, height, width):
 
 
 def read_stuff_map(path, height, width, num_classes):
-    """(H, W) uint8 COCO-stuff ids read unchanged (255 = unlabeled) and the fixes applied (§16.3)."""
+    """(H, W) uint8 COCO-stuff ids read unchanged (255 = unlabeled) and the fixes applied [impl 16.3]."""
     try:
         with Image.open(path) as image:
             mode, labels = image.mode, np.array(image)

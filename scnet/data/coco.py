@@ -1,8 +1,8 @@
-"""COCO instances (+ COCO-stuff maps) -> (image, target dict) in the detector's data contract (§16.1).
+"""COCO instances (+ COCO-stuff maps) -> (image, target dict) in the detector's data contract [impl 16.1].
 
 COCO category ids appear only here and in the evaluation code: labels are contiguous 0..C-1 in
-sorted category-id order (STYLE.md item 6). Every rule that drops, fixes or replaces an input lives
-in ``checks.py``; scripts/check_data.py applies the same rules to a whole dataset up front.
+sorted category-id order; the ids never reach the model. Every rule that drops, fixes or replaces an
+input lives in ``checks.py``; scripts/check_data.py applies the same rules to a whole dataset up front.
 
     dataset = CocoDataset("annotations/instances_train2017.json", "train2017",
                           stuff_dir="stuffthingmaps/train2017")
@@ -24,7 +24,7 @@ from .transforms import hflip, resize
 
 # --- one image at load time (the load-time rules; scripts/check_data.py calls this too) ------------
 def rasterise(annotations, height, width):
-    """(G, H, W) uint8 masks at the ORIGINAL size (§24.22); LoadError naming a bad segmentation."""
+    """(G, H, W) uint8 masks at the ORIGINAL size [impl 24.22]; LoadError naming a bad segmentation."""
     masks = np.zeros((len(annotations), height, width), dtype=np.uint8)
     for i, ann in enumerate(annotations):
         try:
@@ -39,7 +39,7 @@ def instance_semantic_map(masks, labels, crowd_masks, num_classes):
 
     Crowd regions are painted first and the instances over them in annotation order (later over
     earlier): a crowd region outlines many objects and the background between them, so only the
-    pixels that no individual instance claims are ignored (§24.28: crowds are not ground truth).
+    pixels that no individual instance claims are ignored ([impl 24.28]: crowds are not ground truth).
     """
     semantic = np.full(masks.shape[1:], num_classes, dtype=np.uint8)
     for mask in crowd_masks:
@@ -72,7 +72,7 @@ def load_record(record, image_dir, stuff_dir=None, semantic_source="none", num_s
     if semantic_source == "instances":
         semantic = instance_semantic_map(masks, labels, rasterise(record["crowd"], height, width), num_classes)
     boxes = np.array([a["bbox"] for a in instances], dtype=np.float64).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]  # COCO xywh -> xyxy, no -1 (§24.2)
+    boxes[:, 2:] += boxes[:, :2]  # COCO xywh -> xyxy, no -1 [impl 24.2]
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
     boxes = boxes.astype(np.float32)
@@ -100,7 +100,7 @@ class _PackedList:
 
 
 class CocoDataset(Dataset):
-    """COCO-format instance segmentation dataset, optionally with COCO-stuff semantic maps (§16).
+    """COCO-format instance segmentation dataset, optionally with COCO-stuff semantic maps [impl 16].
 
     Args:
         annotation_file, image_dir: COCO ``instances_*.json`` and the folder of its ``file_name``s.
@@ -108,7 +108,7 @@ class CocoDataset(Dataset):
         semantic_source: "stuff_maps", "instances" (labels of the instances on background C, crowd
             pixels 255) or "none" (no ``semantic_seg`` in the targets).
         num_semantic_classes: stuff labels >= this (other than 255) are set to 255.
-        train_scale: (long, short) max sides of the training resize (§16.1 step 3).
+        train_scale: (long, short) max sides of the training resize ([impl 16.1] step 3).
         min_size: images whose shorter side is smaller are dropped (training only).
         training: resize, allow flips, drop images without usable annotations or smaller than
             min_size; otherwise the original images are returned unflipped and every image whose
@@ -172,7 +172,7 @@ class CocoDataset(Dataset):
         raise RuntimeError(f"no usable image among {attempt + 1} items from index {index}: " + "; ".join(issues))
 
     def _make_target(self, record, sample, flip, issues):
-        """Arrays -> tensors in the data contract, then the training geometry (§16.1 steps 3-4)."""
+        """Arrays -> tensors in the data contract, then the training geometry ([impl 16.1] steps 3-4)."""
         image = torch.from_numpy(sample["image"]).permute(2, 0, 1).contiguous()  # (3, H, W)
         target = {
             "boxes": torch.from_numpy(sample["boxes"]),

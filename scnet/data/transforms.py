@@ -1,4 +1,4 @@
-"""Train-time geometry on (image, target), §16.1 steps 3-4: keep-ratio resize and horizontal flip.
+"""Train-time geometry on (image, target), [impl 16.1] steps 3-4: keep-ratio resize and horizontal flip.
 
 Plain functions on ``image`` (3, H, W) uint8 and a target dict in the detector's data contract
 (``boxes`` float (G, 4) xyxy, ``masks`` uint8 (G, H, W), optional ``semantic_seg`` uint8 (H, W)).
@@ -16,7 +16,7 @@ def resize_scale(height, width, scale=(1333, 800)):
     """(new_h, new_w, w_scale, h_scale) of the keep-ratio resize to ``scale`` = (long, short) max sides.
 
     The rounding is the official one (int(side * s + 0.5)) and the per-axis factors are recomputed
-    from the rounded size, so they differ slightly from each other (§24.21).
+    from the rounded size, so they differ slightly from each other [impl 24.21].
     """
     new_h, new_w = rescale_size(height, width, scale)
     return new_h, new_w, new_w / width, new_h / height
@@ -37,7 +37,7 @@ def resize_image(image, size):
 def resize_nearest(tensor, size):
     """Masks (G, H, W) or a label map (H, W) -> spatial ``size``, legacy nearest (= cv2 INTER_NEAREST).
 
-    Label values are never interpolated: source pixel floor(i * H / h) is copied (§24.22).
+    Label values are never interpolated: source pixel floor(i * H / h) is copied [impl 24.22].
     """
     size = tuple(size)
     if tuple(tensor.shape[-2:]) == size:
@@ -50,7 +50,7 @@ def resize_nearest(tensor, size):
 
 
 def resize(image, target, scale=(1333, 800)):
-    """Keep-ratio resize of the image, boxes, masks and semantic map to ``scale`` (§16.1 step 3).
+    """Keep-ratio resize of the image, boxes, masks and semantic map to ``scale`` ([impl 16.1] step 3).
 
     Boxes are multiplied per axis by (w_scale, h_scale) and clipped to the new image. The target's
     ``scale_factor`` becomes (w_scale, h_scale) relative to the input of this call.
@@ -69,7 +69,7 @@ def resize(image, target, scale=(1333, 800)):
 
 
 def hflip(image, target):
-    """Horizontal flip of the image, boxes (x1' = W - x2, x2' = W - x1, no +1, §24.2), masks and map."""
+    """Horizontal flip of the image, boxes (x1' = W - x2, x2' = W - x1, no +1, [impl 24.2]), masks and map."""
     width = image.shape[-1]
     target = dict(target)
     boxes = target["boxes"]

@@ -1,4 +1,4 @@
-"""Inference over a dataset, split over processes, and gathering of the results (spec §13, §16.2).
+"""Inference over a dataset, split over processes, and gathering of the results [impl 13, 16.2].
 
 One image at a time at its original size (batch 1 per GPU, as the official test pipeline); the
 detector resizes it and returns boxes and masks in the original pixels. Process ``rank`` handles the

@@ -1,7 +1,8 @@
-"""One training epoch, the learning-rate schedule, and what a checkpoint holds (spec §17)."""
+"""One training step, the learning-rate schedule, and what a checkpoint holds [impl 17].
+
+The loop that uses them is ``train`` in scripts/train.py."""
 import hashlib
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from typing import List
 
@@ -28,7 +29,7 @@ class TrainState:
 
 
 def learning_rate(iteration, epoch, base_lr, lr_steps, warmup_iters=500, warmup_ratio=0.001, gamma=0.1):
-    """Step decay by epoch, with a linear warm-up by iteration from ``warmup_ratio * lr`` (§17).
+    """Step decay by epoch, with a linear warm-up by iteration from ``warmup_ratio * lr`` [impl 17].
 
     As in mmcv: lr = base * gamma^(number of steps <= epoch); during the first ``warmup_iters``
     iterations it is multiplied by 1 - (1 - iteration / warmup_iters) * (1 - warmup_ratio).
@@ -40,7 +41,7 @@ def learning_rate(iteration, epoch, base_lr, lr_steps, warmup_iters=500, warmup_
 
 
 def scaled_base_lr(solver, world_size):
-    """0.02 for a total batch of 16, scaled linearly with the real total batch (§17)."""
+    """0.02 for a total batch of 16, scaled linearly with the real total batch [impl 17]."""
     return solver.base_lr * solver.images_per_gpu * world_size / solver.base_batch_size
 
 
@@ -103,50 +104,36 @@ def _autocast(device, amp):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def train_one_epoch(model, optimizer, scaler, loader, state, cfg, logger, device, base_lr, total_iters, save):
-    """Run the rest of ``state.epoch``. ``save()`` writes a checkpoint. Returns False once ``total_iters``
-    iterations are done. Raises NonFiniteError after too many non-finite losses."""
-    solver, train = cfg.solver, cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    end = time.time()
-    for images, targets in loader:
-        data_time = time.time() - end
-        lr = learning_rate(
-            state.iteration, state.epoch, base_lr, solver.lr_steps, solver.warmup_iters, solver.warmup_ratio
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        state.load_issues += [issue for t in targets for issue in t.get("issues", [])]
-        with _autocast(device, solver.amp):
-            losses = model(images, targets)
-        total = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        # every process takes the same branch, or DDP's gradient all-reduce would hang
-        if dist.all_true(bool(torch.isfinite(total)), device):
-            scaler.scale(total).backward()
-            if solver.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            state.last_step_finite = True
-        else:
-            _skip_nonfinite_step(state, losses, targets, train.max_nonfinite_steps, logger)
-        state.iteration += 1
-        state.batch_in_epoch += 1
-        logger.record(state.iteration, state.epoch, dist.reduce_dict(losses), lr, time.time() - end, data_time, device)
-        if train.checkpoint_period and state.iteration % train.checkpoint_period == 0:
-            save()
-        if state.iteration >= total_iters:
-            return False
-        end = time.time()
-    return True
+def set_learning_rate(optimizer, state, solver, base_lr):
+    lr = learning_rate(state.iteration, state.epoch, base_lr, solver.lr_steps, solver.warmup_iters, solver.warmup_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
-def _skip_nonfinite_step(state, losses, targets, max_steps, logger):
-    """Log what went wrong (image ids of every process's batch, the loss terms) and count the step."""
+def train_step(model, optimizer, scaler, images, targets, solver, device):
+    """Forward, backward and SGD step on one batch. Returns (losses, finite): when the loss is not
+    finite on some process, no process steps (the same branch everywhere, or DDP's all-reduce hangs)."""
+    with _autocast(device, solver.amp):
+        losses = model(images, targets)
+    total = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    finite = dist.all_true(bool(torch.isfinite(total)), device)
+    if finite:
+        scaler.scale(total).backward()
+        if solver.clip_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    return losses, finite
+
+
+def count_nonfinite_step(state, losses, targets, max_steps, logger):
+    """Log what went wrong (image ids of every process's batch, the loss terms) and count the skipped
+    step (collective). Raises NonFiniteError after ``max_steps`` of them."""
     state.nonfinite_steps += 1
-    state.last_step_finite = False
     image_ids = sum(dist.all_gather_object([t.get("image_id") for t in targets]), [])
     terms = {k: float(v) for k, v in losses.items()}
     logger.info(

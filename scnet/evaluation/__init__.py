@@ -1,4 +1,4 @@
-"""Evaluation: detections -> COCO results JSON -> pycocotools bbox and segm AP (spec §13, §16.2).
+"""Evaluation: detections -> COCO results JSON -> pycocotools bbox and segm AP [impl 13, 16.2].
 
     coco_eval.py   instances_to_coco (xywh boxes with w = x2 - x1, RLE masks, original category ids),
                    evaluate (the 12 COCO numbers + per-category AP per IoU type), and the printed

@@ -1,8 +1,8 @@
-"""COCO evaluation, spec §13 step 8 and §16.2: detections -> COCO results -> pycocotools bbox/segm AP.
+"""COCO evaluation, [impl 13] step 8 and [impl 16.2]: detections -> COCO results -> pycocotools bbox/segm AP.
 
 A result dict is COCO's results format: ``image_id``, ``category_id`` (the ORIGINAL COCO id,
-``category_ids[label]``: contiguous labels never leave the model, STYLE.md item 6), ``bbox``
-[x, y, w, h] with w = x2 - x1 (no "+1", §24.2), ``score`` and ``segmentation``, a compressed RLE
+``category_ids[label]``: contiguous labels never leave our code), ``bbox``
+[x, y, w, h] with w = x2 - x1 (no "+1", [impl 24.2]), ``score`` and ``segmentation``, a compressed RLE
 whose ``counts`` is a str so that the list is JSON-serialisable.
 
     results = instances_to_coco(model([image])[0], image_id, dataset.category_ids)
@@ -51,7 +51,7 @@ def instances_to_coco(result, image_id, category_ids):
     if labels.min() < 0 or labels.max() >= len(category_ids):
         raise ValueError(f"image {image_id}: labels {sorted(set(labels.tolist()))} outside 0..{len(category_ids) - 1}: "
                          "does the model have more classes than the dataset?")
-    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)  # w = x2 - x1 (§13)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)  # w = x2 - x1 [impl 13]
     rles = encode_masks(_numpy(result["masks"])) if "masks" in result else None
     image_id = int(image_id)
     coco = []
@@ -160,7 +160,7 @@ def _evaluate_one(coco_gt, results, iou_type, image_ids):
     # mask area for the small/medium/large split of segm AP, as detectron2 and mmdet >= 2.12 do.
     drop = {"bbox", "mask_score"} if iou_type == "segm" else {"mask_score"}
     detections = [{k: v for k, v in r.items() if k not in drop} for r in results]
-    if iou_type == "segm":  # Mask Scoring R-CNN: masks ranked by their own score (spec §21)
+    if iou_type == "segm":  # Mask Scoring R-CNN: masks ranked by their own score [impl 21]
         for d, r in zip(detections, results):
             d["score"] = r.get("mask_score", r["score"])
     with _quiet():

@@ -38,7 +38,8 @@ def build_backbone_and_neck(m):
     if m.fpn.type not in necks:
         raise ValueError(f"model.fpn.type must be one of {sorted(necks)}, got {m.fpn.type!r}")
     if len(m.rpn.anchor_strides) < 4:
-        raise ValueError(f"model.rpn.anchor_strides needs one stride per FPN level (at least P2-P5), got {m.rpn.anchor_strides}")
+        raise ValueError(f"model.rpn.anchor_strides needs one stride per FPN level, P2-P5 at least, got "
+                         f"{m.rpn.anchor_strides}")
     neck = necks[m.fpn.type](backbone.out_channels, m.fpn.out_channels, num_extra_levels=len(m.rpn.anchor_strides) - 4)
     return backbone, neck
 
@@ -65,27 +66,26 @@ def build_rpn(m):
 
 
 def build_context(m, semantic=None, global_context=None):
-    """The image-level branches the architecture has and the config switches on."""
-    c = m.fpn.out_channels
-    semantic = semantic if semantic is not None and semantic.enabled else None
-    global_context = global_context if global_context is not None and global_context.enabled else None
-    semantic_head = stride = None
-    if semantic is not None:
+    """The image-level branches that the architecture has (its config sections, None when it has not)
+    and that the config switches on; with none, the detector's context is empty."""
+    c, levels = m.fpn.out_channels, len(m.rpn.anchor_strides)
+    branches = {}
+    if semantic is not None and semantic.enabled:
         _check_semantic(m, semantic)
-        levels = len(m.rpn.anchor_strides)
-        semantic_head = SemanticHead(c, c, levels, semantic.fusion_level, semantic.num_convs, semantic.residual,
-                                     semantic.num_classes)
-        stride = m.rpn.anchor_strides[semantic.fusion_level]
-    return ContextBranches(
-        semantic_head=semantic_head,
-        global_context_head=GlobalContextHead(c, global_context.num_res_blocks, m.num_classes) if global_context else None,
-        semantic_stride=stride or 8,
-        semantic_loss_weight=semantic.loss_weight if semantic else 0.0,
-        semantic_ignore_index=semantic.ignore_index if semantic else 255,
-        semantic_loss_normalization=semantic.loss_normalization if semantic else "valid",
-        semantic_pad_value=semantic.pad_value if semantic else 0,
-        global_context_loss_weight=global_context.loss_weight if global_context else 0.0,
-    )
+        s = semantic
+        branches.update(
+            semantic_head=SemanticHead(c, c, levels, s.fusion_level, s.num_convs, s.residual, s.num_classes),
+            semantic_stride=m.rpn.anchor_strides[s.fusion_level],
+            semantic_loss_weight=s.loss_weight,
+            semantic_ignore_index=s.ignore_index,
+            semantic_loss_normalization=s.loss_normalization,
+            semantic_pad_value=s.pad_value,
+        )
+    if global_context is not None and global_context.enabled:
+        g = global_context
+        branches.update(global_context_head=GlobalContextHead(c, g.num_res_blocks, m.num_classes),
+                        global_context_loss_weight=g.loss_weight)
+    return ContextBranches(**branches)
 
 
 def _check_semantic(m, s):
@@ -173,11 +173,11 @@ def _detector(m, parts, roi_heads, context):
     )
 
 
-def _dense_parts(m):
-    """Backbone, neck and RPN. Every builder creates the parts in one order (these, box heads, mask
-    heads, image-level branches, relays, MaskIoU head): a seed gives the same initial weights."""
+def _first_parts(m, box_levels=1):
+    """(backbone, neck, RPN) and the box heads. Every builder creates its parts in one order (these,
+    mask heads, image-level branches, relays, MaskIoU head): a seed gives the same initial weights."""
     backbone, neck = build_backbone_and_neck(m)
-    return backbone, neck, build_rpn(m)
+    return (backbone, neck, build_rpn(m)), build_box_heads(m, box_levels)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,8 +190,7 @@ def build_mask_rcnn(cfg) -> nn.Module:
     p, h = m.panet, m.mask_head
     _check_fcn_head(m, h.num_convs, p.adaptive_pooling, p.fc_fusion)
     levels = PANET_LEVELS if p.adaptive_pooling else 0
-    parts = _dense_parts(m)
-    (box_head,) = build_box_heads(m, levels or 1)
+    parts, (box_head,) = _first_parts(m, levels or 1)
     mask_head = FCNMaskHead(m.fpn.out_channels, h.num_convs, m.num_classes, False, levels, p.fc_fusion)
     roi_heads = StandardRoIHeads(
         box_head,
@@ -207,19 +206,16 @@ def build_mask_rcnn(cfg) -> nn.Module:
 
 def build_cascade_mask_rcnn(cfg) -> nn.Module:
     """Cascade Mask R-CNN: one FCN mask head per stage; semantic branch, relay, global context optional."""
-    m = cfg.model
+    m, h = cfg.model, cfg.model.mask_head
     _check_stages(m)
-    h, c = m.mask_head, m.fpn.out_channels
     _check_fcn_head(m, h.num_convs)
-    stages = len(m.roi_heads.stage_ious)
-    parts = _dense_parts(m)
-    box_heads = build_box_heads(m)
-    mask_heads = [FCNMaskHead(c, h.num_convs, m.num_classes) for _ in range(stages)]
+    parts, box_heads = _first_parts(m)
+    mask_heads = [FCNMaskHead(m.fpn.out_channels, h.num_convs, m.num_classes) for _ in box_heads]
     context = build_context(m, m.semantic, m.global_context)
     roi_heads = CascadeRoIHeads(
         box_heads,
         mask_heads,
-        feature_relays=_relays(m, stages) if m.feature_relay.enabled else None,
+        feature_relays=_relays(m, len(mask_heads)) if m.feature_relay.enabled else None,
         mask_loss_weights=[a * h.loss_weight for a in m.roi_heads.stage_loss_weights],
         **stage_settings(m),
     )
@@ -228,15 +224,13 @@ def build_cascade_mask_rcnn(cfg) -> nn.Module:
 
 def build_htc(cfg) -> nn.Module:
     """Hybrid Task Cascade: interleaved execution, mask information flow (switchable), semantic branch."""
-    m = cfg.model
+    m, h = cfg.model, cfg.model.mask_head
     _check_stages(m)
-    h, c = m.mask_head, m.fpn.out_channels
     _check_fcn_head(m, h.num_convs)
-    stages = len(m.roi_heads.stage_ious)
-    parts = _dense_parts(m)
-    box_heads = build_box_heads(m)
+    parts, box_heads = _first_parts(m)
     # the information flow enters every head but the first
-    mask_heads = [FCNMaskHead(c, h.num_convs, m.num_classes, h.info_flow and k > 0) for k in range(stages)]
+    mask_heads = [FCNMaskHead(m.fpn.out_channels, h.num_convs, m.num_classes, h.info_flow and k > 0)
+                  for k in range(len(box_heads))]
     roi_heads = HTCRoIHeads(
         box_heads,
         mask_heads,
@@ -282,8 +276,7 @@ def build_scnet(cfg) -> nn.Module:
         raise ValueError(f"model.mask_iou.enabled needs a single mask head, got model.mask_head.num_heads="
                          f"{m.mask_head.num_heads}")
     adaptive = m.panet.adaptive_pooling
-    parts = _dense_parts(m)
-    box_heads = build_box_heads(m, PANET_LEVELS if adaptive else 1)
+    parts, box_heads = _first_parts(m, PANET_LEVELS if adaptive else 1)
     mask_heads = _scnet_mask_heads(m)
     context = build_context(m, m.semantic, m.global_context)
     roi_heads = SCNetRoIHeads(

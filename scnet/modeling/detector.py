@@ -5,18 +5,18 @@ Data contract (written once, here):
 
 Images are RGB in the 0-255 range: (3, H, W) tensors (uint8 or float) or, at inference, (H, W, 3)
 uint8 numpy arrays too. The detector normalises them with the ImageNet mean/std and pads them to a
-multiple of 32 with zeros *after* normalisation (§24.19).
+multiple of 32 with zeros *after* normalisation [impl 24.19].
 
 Training, ``model(images, targets)``: images are already resized/flipped by the data pipeline; each
 target is a dict of tensors in that image's pixels:
-    boxes         float (G, 4)   xyxy, no "+1" (§24.2)
+    boxes         float (G, 4)   xyxy, no "+1" [impl 24.2]
     labels        int64 (G,)     contiguous 0..C-1
     masks         uint8 (G, H, W) bitmaps at the image size
     semantic_seg  uint8 (H, W)   COCO-stuff labels, 255 unlabeled (only with the semantic branch on)
 Returns a flat dict of weighted loss tensors; their sum is the training loss.
 
 Inference, ``model(images)`` in eval mode: images of any sizes are resized to the test scale (keep
-ratio, official rounding, §24.21), and one dict per image comes back, in that image's pixels:
+ratio, official rounding, [impl 24.21]), and one dict per image comes back, in that image's pixels:
     boxes   float (D, 4) xyxy;  scores float (D,);  labels int64 (D,) 0-based;  masks bool (D, H, W)
     mask_scores float (D,), only with a MaskIoU head (Mask Scoring R-CNN): the masks' own confidence
 ``model.inference(tensor, image_sizes, scale_factors, original_sizes)`` takes an already normalised
@@ -187,7 +187,7 @@ class TwoStageDetector(nn.Module):
         return [self.postprocess(d, s, o) for d, s, o in zip(detections, scale_factors, original_sizes)]
 
     def postprocess(self, detection, scale_factor, original_size):
-        """Network-input boxes -> original pixels (per-axis scale), masks pasted at the original size (§14)."""
+        """Network-input boxes -> original pixels (per-axis scale), masks pasted at the original size [impl 14]."""
         w_scale, h_scale = scale_factor
         boxes = detection["boxes"].float()  # float32 results under autocast too
         boxes = boxes / boxes.new_tensor([w_scale, h_scale, w_scale, h_scale])

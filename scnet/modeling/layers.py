@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 class SimplifiedBasicBlock(nn.Module):
     """conv3x3 (bias) -> ReLU -> conv3x3 (bias), plus the identity; no norm and no ReLU after the sum
-    (spec §11.1, §24.16). Used by the SCNet mask, semantic and global-context heads."""
+    [impl 11.1, 24.16]. Used by the SCNet mask, semantic and global-context heads."""
 
     def __init__(self, channels):
         super().__init__()
@@ -22,6 +22,6 @@ def residual_blocks(num_blocks, channels):
 
 
 def kaiming_fan_out_(module):
-    """Kaiming-normal (fan_out, ReLU) weight and zero bias: mmcv's ``kaiming_init`` default (§18)."""
+    """Kaiming-normal (fan_out, ReLU) weight and zero bias: mmcv's ``kaiming_init`` default [impl 18]."""
     nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
     nn.init.zeros_(module.bias)

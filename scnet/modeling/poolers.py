@@ -1,4 +1,4 @@
-"""RoI feature extraction: multi-level RoIAlign with FPN level mapping (spec §6)."""
+"""RoI feature extraction: multi-level RoIAlign with FPN level mapping [impl 6]."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -6,7 +6,7 @@ from ..ops.roi_align import roi_align
 
 
 def map_levels(rois, num_levels, finest_scale=56):
-    """Level index 0..num_levels-1 of each (R, 5) RoI: floor(log2(sqrt(w h) / 56 + 1e-6)) (§24.25)."""
+    """Level index 0..num_levels-1 of each (R, 5) RoI: floor(log2(sqrt(w h) / 56 + 1e-6)) [impl 24.25]."""
     scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
     levels = torch.floor(torch.log2(scale / finest_scale + 1e-6))
     return levels.clamp(min=0, max=num_levels - 1).long()
@@ -19,11 +19,11 @@ def rois_from_boxes(boxes_per_image):
 
 
 class MultiLevelRoIAlign(nn.Module):
-    """RoIAlign (aligned=True, adaptive sampling, average) on the level each RoI maps to (§24.1).
+    """RoIAlign (aligned=True, adaptive sampling, average) on the level each RoI maps to [impl 24.1].
 
     Args:
         output_size: 7 for the box branch, 14 for the mask branch.
-        strides: strides of the levels used (P2-P5); P6 is never pooled (§4).
+        strides: strides of the levels used (P2-P5); P6 is never pooled [impl 4].
     """
 
     def __init__(self, output_size, strides=(4, 8, 16, 32), finest_scale=56, sampling_ratio=0):
@@ -44,7 +44,7 @@ class MultiLevelRoIAlign(nn.Module):
         """features: list of at least len(strides) maps (N, C, H, W); rois: (R, 5). -> (R, C, S, S).
 
         ``pooled_size``: adaptive-average-pool the (S, S) grids down to this size (done inside RoIAlign
-        when it divides S: the semantic feature of the box branch, 14x14 pooled to 7x7, spec §8).
+        when it divides S: the semantic feature of the box branch, 14x14 pooled to 7x7, [impl 8]).
         """
         size, group = self.output_size, 1
         if pooled_size is not None and pooled_size != size[0]:

@@ -1,4 +1,4 @@
-"""Region Proposal Network on P2-P6: anchors, shared head, training loss, per-level NMS (spec §5)."""
+"""Region Proposal Network on P2-P6: anchors, shared head, training loss, per-level NMS [impl 5]."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -9,7 +9,7 @@ from .sampling import assign_by_iou, sample_positive_negative
 
 
 class AnchorGenerator(nn.Module):
-    """Anchors centred on (x * stride, y * stride) (offset 0, §24.23), in ratio order, float sizes."""
+    """Anchors centred on (x * stride, y * stride) (offset 0, [impl 24.23]), in ratio order, float sizes."""
 
     def __init__(self, strides=(4, 8, 16, 32, 64), scales=(8.0,), ratios=(0.5, 1.0, 2.0)):
         super().__init__()
@@ -47,14 +47,14 @@ class AnchorGenerator(nn.Module):
 
 
 class RPNHead(nn.Module):
-    """3x3 conv + ReLU shared by all levels, then 1x1 objectness (A) and 1x1 deltas (4A) (§5.1)."""
+    """3x3 conv + ReLU shared by all levels, then 1x1 objectness (A) and 1x1 deltas (4A) [impl 5.1]."""
 
     def __init__(self, in_channels, num_anchors, channels=256):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.cls_logits = nn.Conv2d(channels, num_anchors, 1)
         self.bbox_pred = nn.Conv2d(channels, num_anchors * 4, 1)
-        for layer in (self.conv, self.cls_logits, self.bbox_pred):  # §18
+        for layer in (self.conv, self.cls_logits, self.bbox_pred):  # [impl 18]
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
 
@@ -130,7 +130,7 @@ class RPN(nn.Module):
         return proposals, scores, losses
 
     def select_proposals(self, logits, deltas, anchors, image_sizes):
-        """Top-k per level by score, decode + clip, drop empty boxes, NMS per level, top-k overall (§5.4)."""
+        """Top-k per level by score, decode + clip, drop empty boxes, NMS per level, top-k overall [impl 5.4]."""
         pre_nms = self.pre_nms_top_n[0 if self.training else 1]
         post_nms = self.post_nms_top_n[0 if self.training else 1]
         proposals, scores = [], []
@@ -162,11 +162,11 @@ class RPN(nn.Module):
 
     def loss(self, logits, deltas, anchors, image_sizes, gt_boxes):
         """BCE objectness + Smooth L1 (beta 1/9), both summed over the sampled anchors of the batch and
-        divided by sum_i max(#pos_i, 1) + sum_i max(#neg_i, 1) (mmdet 2.x, §5.3)."""
+        divided by sum_i max(#pos_i, 1) + sum_i max(#neg_i, 1) (mmdet 2.x, [impl 5.3])."""
         cls_terms, box_terms, normaliser = [], [], 0
         for i, (h, w) in enumerate(image_sizes):
             inside = (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] < w) & (anchors[:, 3] < h)
-            inside = inside.nonzero().view(-1)  # allowed_border = 0, strict < (§24.3)
+            inside = inside.nonzero().view(-1)  # allowed_border = 0, strict < [impl 24.3]
             gt = gt_boxes[i]
             iou = box_iou(gt, anchors[inside])
             assigned = assign_by_iou(iou, *self.assign_args)

@@ -1,5 +1,5 @@
 """Max-IoU assignment and random positive/negative sampling, shared by the RPN and the box stages
-(spec §5.3, §9.4)."""
+[impl 5.3, 9.4]."""
 import torch
 
 
@@ -43,7 +43,7 @@ def _random_subset(indices, num):
 def sample_positive_negative(assigned, batch_size, positive_fraction):
     """Random sampling of at most ``batch_size * positive_fraction`` positives, the rest negatives.
 
-    Both index sets come back sorted (§24.10): with the GT boxes prepended to the candidates, GT rows
+    Both index sets come back sorted [impl 24.10]: with the GT boxes prepended to the candidates, GT rows
     come first among the positives, which the relay and mask-target slicing rely on.
     """
     positive = (assigned > 0).nonzero().view(-1)

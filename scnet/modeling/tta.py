@@ -1,5 +1,5 @@
 """Test-time augmentation: horizontal flip x the official five scales, merged as the official 2.x
-``aug_test`` merges them (spec §15; the "TTA box AP / TTA mask AP" columns of the results table).
+``aug_test`` merges them ([impl 15]; the "TTA box AP / TTA mask AP" columns of the results table).
 
 1. Proposals of every view, mapped back to the original image, one NMS (0.7) over all, top 1000.
 2. Every view runs the cascade on those proposals; its boxes (mapped back) and softmax scores are
@@ -14,7 +14,7 @@ from ..ops.boxes import multiclass_nms
 from ..ops.masks import paste_masks
 from ..ops.image import as_chw_tensor, rescale_size
 
-# (short, long) maxima of the official multi-scale test (§15)
+# (short, long) maxima of the official multi-scale test [impl 15]
 OFFICIAL_SCALES = ((600, 900), (800, 1200), (1000, 1500), (1200, 1800), (1400, 2100))
 
 
@@ -80,7 +80,7 @@ class TestTimeAugmentation:
             (b,), (s,) = heads.predict_boxes(v.features, [v.to_view(proposals)], [v.size], v.context)
             boxes.append(v.to_original(b))
             scores.append(s)
-        boxes, scores = torch.stack(boxes).mean(0), torch.stack(scores).mean(0)  # §15 step 2
+        boxes, scores = torch.stack(boxes).mean(0), torch.stack(scores).mean(0)  # [impl 15] step 2
         boxes, scores, labels = multiclass_nms(boxes, scores, heads.score_thresh, heads.nms_iou, heads.max_detections)
         probs = torch.stack([self._mask_probs(v, boxes, labels) for v in views]).mean(0)
         masks = paste_masks(probs, boxes, image.shape[-2:], model.mask_threshold)

@@ -1,4 +1,4 @@
-"""Box operations in xyxy pixel coordinates, with the conventions of the official code (§9.2, §24.2).
+"""Box operations in xyxy pixel coordinates, with the conventions of the official code [impl 9.2, 24.2].
 
 No "+1" anywhere: width = x2 - x1. Every formula keeps the official operation order so that results
 agree to the last bit with MMDetection's, which the parity test checks.
@@ -8,7 +8,7 @@ import math
 import torch
 from torchvision.ops import nms
 
-# dw, dh are clamped to +-|log(16/1000)| before exp (§9.2, §24.4)
+# dw, dh are clamped to +-|log(16/1000)| before exp [impl 9.2, 24.4]
 DEFAULT_SCALE_CLAMP = abs(math.log(16 / 1000))
 
 
@@ -17,7 +17,7 @@ def box_area(boxes):
 
 
 def box_iou(boxes1, boxes2, eps=1e-6):
-    """IoU matrix (N, M) of two sets of xyxy boxes; the union is clamped at ``eps`` (§9.4)."""
+    """IoU matrix (N, M) of two sets of xyxy boxes; the union is clamped at ``eps`` [impl 9.4]."""
     area1 = box_area(boxes1)
     area2 = box_area(boxes2)
     lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
@@ -37,7 +37,7 @@ def clip_boxes_(boxes, image_size):
 
 
 class BoxCoder:
-    """DeltaXYWH coder with target means 0 and per-coordinate ``stds`` (§9.2)."""
+    """DeltaXYWH coder with target means 0 and per-coordinate ``stds`` [impl 9.2]."""
 
     def __init__(self, stds=(1.0, 1.0, 1.0, 1.0), scale_clamp=DEFAULT_SCALE_CLAMP):
         self.stds = tuple(float(s) for s in stds)
@@ -115,7 +115,7 @@ def _batched_nms(boxes, scores, idxs, iou_threshold, offset=None):
 
 
 def multiclass_nms(boxes, scores, score_thresh, iou_threshold, max_detections):
-    """Class-wise NMS over class-agnostic boxes (§13 step 5, §24.27).
+    """Class-wise NMS over class-agnostic boxes ([impl 13] step 5, [impl 24.27]).
 
     Args:
         boxes: (R, 4) boxes shared by all classes, or (R, C, 4) class-specific boxes.

@@ -1,4 +1,4 @@
-"""Instance masks: COCO polygons/RLE -> bitmaps, bitmaps -> 28x28 RoI targets, 28x28 -> image (§11.3, §14)."""
+"""Instance masks: COCO polygons/RLE -> bitmaps, bitmaps -> 28x28 RoI targets, 28x28 -> image [impl 11.3, 14]."""
 import math
 
 import numpy as np
@@ -11,7 +11,7 @@ from torchvision.ops import roi_align
 def segmentation_to_bitmask(segmentation, height, width):
     """One COCO ``segmentation`` (polygon list, RLE or uncompressed RLE) -> (H, W) uint8 array.
 
-    The parts of a polygon instance are merged, as pycocotools does for COCO itself (§24.22).
+    The parts of a polygon instance are merged, as pycocotools does for COCO itself [impl 24.22].
     """
     if isinstance(segmentation, list):  # polygons
         polygons = [p for p in segmentation if len(p) >= 6]  # a polygon needs 3 points
@@ -26,7 +26,7 @@ def segmentation_to_bitmask(segmentation, height, width):
 
 
 def mask_targets(gt_masks, rois, gt_indices, resolution):
-    """Binary training targets (P, resolution, resolution) for the mask head (§11.3).
+    """Binary training targets (P, resolution, resolution) for the mask head [impl 11.3].
 
     RoIAlign (aligned, adaptive sampling) of each RoI on its assigned GT bitmap, then >= 0.5. The
     bitmaps are the "feature map" batch and ``gt_indices`` the batch index, so each GT mask is
@@ -58,7 +58,7 @@ def _paste_window(box, height, width):
 
 
 def paste_masks(masks, boxes, image_size, threshold=0.5):
-    """Paste (N, M, M) mask probabilities into an image of ``image_size`` = (h, w) (§14).
+    """Paste (N, M, M) mask probabilities into an image of ``image_size`` = (h, w) [impl 14].
 
     Canvas pixel centres (i + 0.5) are mapped into each box and sampled bilinearly from the mask with
     ``grid_sample(align_corners=False)``, then thresholded at ``>= threshold``. Each mask is pasted

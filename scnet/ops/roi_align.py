@@ -1,4 +1,4 @@
-"""RoIAlign on the CPU as two small GEMMs per RoI, forward and backward (spec §6, §24.1).
+"""RoIAlign on the CPU as two small GEMMs per RoI, forward and backward [impl 6, 24.1].
 
 torchvision's CPU kernels loop over RoIs, channels, bins and samples in one thread: on a CPU they took a
 quarter of SCNet's inference and most of a training step. The bilinear weights of RoIAlign factor into a
@@ -19,7 +19,7 @@ _CHUNK_ELEMENTS = 2**25  # (RoIs x channels x window) values materialised at onc
 def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=0, aligned=True, group=1):
     """``torchvision.ops.roi_align`` with (N, C, H, W) features and (R, 5) rois, optionally followed by
     ``group`` x ``group`` average pooling: ``group=2`` with ``output_size=7`` is RoIAlign at 14x14 then
-    ``adaptive_avg_pool2d`` to 7x7 (the semantic feature of the box branch, spec §8), fused on the CPU."""
+    ``adaptive_avg_pool2d`` to 7x7 (the semantic feature of the box branch, [impl 8]), fused on the CPU."""
     output_size = tuple(output_size)
     if features.device.type == "cpu" and features.dtype in (torch.bfloat16, torch.float16):
         # autocast: pool in float32 and give the input's dtype back, as torchvision's autocast rule does

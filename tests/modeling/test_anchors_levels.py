@@ -1,4 +1,4 @@
-"""Unit tests for the RPN anchor generator and the FPN RoI level mapping (spec §5.2, §6, §24.23, §24.25)."""
+"""Unit tests for the RPN anchor generator and the FPN RoI level mapping [impl 5.2, 6, 24.23, 24.25]."""
 import math
 
 import pytest

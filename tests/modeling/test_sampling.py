@@ -1,4 +1,4 @@
-"""Unit tests for max-IoU assignment and random positive/negative sampling (spec §5.3, §9.4, §24.10).
+"""Unit tests for max-IoU assignment and random positive/negative sampling [impl 5.3, 9.4, 24.10].
 
 Assignment convention: -1 ignored, 0 negative, k + 1 matched to GT k.
 """

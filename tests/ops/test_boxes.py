@@ -1,6 +1,6 @@
 """Unit tests for scnet.ops.boxes: DeltaXYWH coder, IoU, clipping, batched / multi-class NMS.
 
-Expected values are worked out by hand (spec §9.2, §9.4, §13 step 5, §24.2, §24.4, §24.27).
+Expected values are worked out by hand ([impl 9.2, 9.4, 13 step 5, 24.2, 24.4, 24.27]).
 """
 import math
 

@@ -1,6 +1,6 @@
 """Unit tests for scnet.ops.masks: COCO segmentation decoding, 28x28 mask targets, mask pasting.
 
-Expected values are worked out by hand (spec §11.3, §14, §24.1, §24.22, §24.26).
+Expected values are worked out by hand [impl 11.3, 14, 24.1, 24.22, 24.26].
 """
 import numpy as np
 import pycocotools.mask as mask_util
@@ -267,7 +267,7 @@ def test_paste_box_fully_outside_image_is_empty(box):
 
 
 def test_paste_zero_width_box_does_not_crash():
-    """Zero-width [30, 30, 30, 60] and zero-size [5, 5, 5, 5] boxes: no error, and (spec §14) the infinite
+    """Zero-width [30, 30, 30, 60] and zero-size [5, 5, 5, 5] boxes: no error, and [impl 14] the infinite
     normalised coordinates are set to 0, i.e. the mask centre. The paste window has one pixel of margin:
     x in [floor(30) - 1, ceil(30) + 1) = [29, 31). So columns 29, 30 sample the mask centre (value 1) and
     rows follow the 30-px box height as usual: y in [30, 60). For [5, 5, 5, 5] both axes are infinite ->

@@ -1,4 +1,4 @@
-"""ResNet-50/101 and ResNeXt-101 backbones, 'pytorch' style, frozen BatchNorm (spec §3).
+"""ResNet-50/101 and ResNeXt-101 backbones, 'pytorch' style, frozen BatchNorm [impl 3].
 
 Parameter names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv2``, ``layer2.0.downsample.0``,
 ...), so an ImageNet checkpoint of torchvision or of OpenMMLab's ResNeXt loads without renaming.
@@ -11,7 +11,7 @@ DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm whose statistics are never updated, in training or not (``norm_eval=True``, §24.20).
+    """BatchNorm whose statistics are never updated, in training or not (``norm_eval=True``, [impl 24.20]).
 
     The affine weight and bias stay parameters: the official models train and weight-decay them in
     layer2-4. ``num_batches_tracked`` is kept only so the official state dicts load key for key.
@@ -34,13 +34,13 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (stride here: 'pytorch' style, §3.1) -> 1x1, plus a projection shortcut in block 0."""
+    """1x1 -> 3x3 (stride here: 'pytorch' style, [impl 3.1]) -> 1x1, plus a projection shortcut in block 0."""
 
     expansion = 4
 
     def __init__(self, in_channels, planes, stride=1, groups=1, width_per_group=64, base_channels=64):
         super().__init__()
-        # ResNeXt inner width floor(planes * width_per_group / base_channels) * groups (§3.2); ResNet: planes
+        # ResNeXt inner width floor(planes * width_per_group / base_channels) * groups [impl 3.2]; ResNet: planes
         width = planes if groups == 1 else int(planes * width_per_group / base_channels) * groups
         out_channels = planes * self.expansion
         self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
@@ -66,7 +66,7 @@ class Bottleneck(nn.Module):
 
 class StagedBackbone(nn.Module):
     """What ResNet and SC-ResNet share: a stem (conv1, bn1, relu, maxpool) and layer1-4, returning C2-C5;
-    the stem and the first ``frozen_stages`` layers frozen (§3)."""
+    the stem and the first ``frozen_stages`` layers frozen [impl 3]."""
 
     def _freeze(self, frozen_stages):
         frozen = [self.conv1, self.bn1] if frozen_stages >= 0 else []
@@ -92,7 +92,7 @@ class ResNet(StagedBackbone):
         groups, width_per_group: ResNeXt cardinality and base width (64, 4 for X-101-64x4d); unused
             when groups == 1.
         base_channels: stem width and layer1 planes (64; smaller only for tiny test models).
-        frozen_stages: stem + the first ``frozen_stages`` stages get ``requires_grad=False`` (§3.1).
+        frozen_stages: stem + the first ``frozen_stages`` stages get ``requires_grad=False`` [impl 3.1].
     """
 
     def __init__(self, depth=50, groups=1, width_per_group=64, base_channels=64, frozen_stages=1):

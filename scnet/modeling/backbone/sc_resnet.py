@@ -1,8 +1,8 @@
 """SC-ResNet-50/101 (and -50-v1d): ResNet with self-calibrated convolutions, frozen BatchNorm.
 
 Paper: J.-J. Liu, Q. Hou, M.-M. Cheng, C. Wang, J. Feng, "Improving Convolutional Networks with
-Self-Calibrated Convolutions", CVPR 2020: §3 and Fig. 2 (the filters split into four portions
-K1..K4, the input into two halves), §3.1 (self-calibration); SC-ResNets replace the 3x3 conv of every
+Self-Calibrated Convolutions", CVPR 2020: SC-Conv paper §3 and Fig. 2 (the filters split into four portions
+K1..K4, the input into two halves), SC-Conv paper §3.1 (self-calibration); SC-ResNets replace the 3x3 conv of every
 ResNet bottleneck. The upstream repo calls these networks "SCNet"; here that name belongs to our
 detector, so they are SC-ResNets.
 
@@ -12,8 +12,8 @@ backseason/SCNet, commit 9f28392c, the version that adds ``scnet50_v1d``): ``con
 checkpoints therefore load through ``resnet.load_pretrained`` (which drops ``fc.*``) without renaming.
 
 Where the code, which the checkpoints were trained with, differs from the paper's text we follow the
-code: the upsampling ``Up`` in the gate is nearest-neighbour (``F.interpolate``'s default), where §3.1
-says bilinear.
+code: the upsampling ``Up`` in the gate is nearest-neighbour (``F.interpolate``'s default), where SC-Conv
+paper §3.1 says bilinear.
 
 Returned features are C2..C5 (strides 4, 8, 16, 32) as a list, like ``resnet.ResNet``.
 """
@@ -23,14 +23,14 @@ import torch.nn.functional as F
 
 from .resnet import DEPTHS, FrozenBatchNorm2d, StagedBackbone
 
-# Down-sampling rate r of the average pooling in front of k2 (official SCBottleneck.pooling_r, §3.1).
+# Down-sampling rate r of the average pooling in front of k2 (official SCBottleneck.pooling_r, SC-Conv paper §3.1).
 POOLING_R = 4
 # Bottleneck output channels = planes * EXPANSION, as in ResNet.
 EXPANSION = 4
 
 
 class SCConv(nn.Module):
-    """Self-calibrated 3x3 convolution on one half of the bottleneck (§3.1, Fig. 2).
+    """Self-calibrated 3x3 convolution on one half of the bottleneck (SC-Conv paper §3.1, Fig. 2).
 
     ``k4(k3(x) * sigmoid(x + Up(k2(AvgPool_r(x)))))``; every k is a 3x3 conv + frozen BN, no bias.
     ``(N, C, H, W) -> (N, C, ceil(H / stride), ceil(W / stride))``; only ``k4`` carries the stride.
@@ -175,19 +175,3 @@ class SCResNet(StagedBackbone):
             self.out_channels.append(in_channels)
         self._freeze(frozen_stages)
 
-
-class SCResNetClassifier(SCResNet):
-    """The official ImageNet classifier: SC-ResNet + global average pool + ``fc`` (2048 -> classes).
-
-    Its state dict has the official checkpoint's keys one for one (backbone keys at the top level, plus
-    ``fc.weight`` / ``fc.bias``); used to count the parameters reported in the official README
-    (SC-ResNet-50 25.56M, -50-v1d 25.58M, -101 44.57M). Nothing is frozen. ``(N, 3, H, W) -> (N, classes)``.
-    """
-
-    def __init__(self, depth=50, deep_stem=False, avg_down=False, num_classes=1000, base_channels=64):
-        super().__init__(depth, deep_stem, avg_down, base_channels, frozen_stages=-1)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(self.out_channels[-1], num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.avgpool(super().forward(x)[-1]), 1))

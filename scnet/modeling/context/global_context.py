@@ -18,7 +18,7 @@ class GlobalContextHead(nn.Module):
         super().__init__()
         self.blocks = residual_blocks(num_res_blocks, in_channels)
         self.classifier = nn.Linear(in_channels, num_classes)
-        nn.init.normal_(self.classifier.weight, std=0.01)  # §18
+        nn.init.normal_(self.classifier.weight, std=0.01)  # [impl 18]
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, top_level):
@@ -27,7 +27,7 @@ class GlobalContextHead(nn.Module):
 
 
 def global_context_loss(logits, labels_per_image):
-    """Mean BCE over N x C against the set of classes present in each image (§8)."""
+    """Mean BCE over N x C against the set of classes present in each image [impl 8]."""
     target = torch.zeros_like(logits)
     for i, labels in enumerate(labels_per_image):
         target[i, labels] = 1.0

@@ -1,4 +1,4 @@
-"""Semantic segmentation branch of HTC as SCNet uses it (HTC §3.3; spec §7).
+"""Semantic segmentation branch of HTC as SCNet uses it (HTC paper §3.3; [impl 7]).
 
 All FPN levels are resized to P3 and fused; a residual trunk gives the 183-way COCO-stuff logits and,
 through a 1x1 conv + ReLU, the semantic feature that is added to every RoI feature.
@@ -31,7 +31,7 @@ class SemanticHead(nn.Module):
         self.convs = None if residual else nn.ModuleList(plain)
         self.logits = nn.Conv2d(channels, num_classes, 1)
         self.embedding = nn.Conv2d(channels, channels, 1)
-        for conv in [*self.lateral_convs, self.embedding, self.logits, *(self.convs or [])]:  # §18
+        for conv in [*self.lateral_convs, self.embedding, self.logits, *(self.convs or [])]:  # [impl 18]
             kaiming_fan_out_(conv)
 
     def forward(self, features):
@@ -39,7 +39,7 @@ class SemanticHead(nn.Module):
         size = x.shape[-2:]
         for i, feature in enumerate(features):
             if i != self.fusion_level:
-                # resize *before* the lateral conv, bilinear with align_corners=True (§24.15)
+                # resize *before* the lateral conv, bilinear with align_corners=True [impl 24.15]
                 feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=True)
                 x = x + F.relu(self.lateral_convs[i](feature))
         if self.blocks is not None:
@@ -51,7 +51,7 @@ class SemanticHead(nn.Module):
 
 
 def semantic_loss(logits, target, ignore_index=255, normalization="valid"):
-    """Per-pixel cross-entropy at 1/8 resolution (§7).
+    """Per-pixel cross-entropy at 1/8 resolution [impl 7].
 
     Args:
         target: (N, H/8, W/8) int64 labels, ``ignore_index`` where unlabeled.

@@ -1,4 +1,4 @@
-"""Feature Pyramid Network, P2-P6 with P6 = stride-2 subsample of P5 (spec §4, Lin et al. 2017)."""
+"""Feature Pyramid Network, P2-P6 with P6 = stride-2 subsample of P5 (Lin et al. 2017; [impl 4])."""
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -20,7 +20,7 @@ class FPN(nn.Module):
         self.output_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
         self.num_extra_levels = num_extra_levels
         self.out_channels = out_channels
-        for m in self.modules():  # Xavier-uniform, bias 0 (§18)
+        for m in self.modules():  # Xavier-uniform, bias 0 [impl 18]
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -35,7 +35,7 @@ class FPN(nn.Module):
 
     def add_extra_levels(self, outs):
         for _ in range(self.num_extra_levels):
-            outs.append(F.max_pool2d(outs[-1], 1, stride=2))  # a subsample, not a conv (§24.24)
+            outs.append(F.max_pool2d(outs[-1], 1, stride=2))  # a subsample, not a conv [impl 24.24]
         return outs
 
     def forward(self, features):

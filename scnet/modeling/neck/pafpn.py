@@ -1,5 +1,5 @@
-"""PANet's bottom-up path augmentation (Liu et al., CVPR 2018, §3.1) on top of FPN, as MMDetection's
-PAFPN (spec §22): N2 = P2, then N_{i+1} = 3x3 conv(P_{i+1} + stride-2 3x3 conv(N_i)); N6 = subsample."""
+"""PANet's bottom-up path augmentation (Liu et al., CVPR 2018; PANet paper §3.1) on top of FPN, as MMDetection's
+PAFPN [impl 22]: N2 = P2, then N_{i+1} = 3x3 conv(P_{i+1} + stride-2 3x3 conv(N_i)); N6 = subsample."""
 import torch.nn as nn
 
 from .fpn import FPN

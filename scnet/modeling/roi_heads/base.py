@@ -170,14 +170,16 @@ class RoIHeads(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Training: the mask branch
     # ----------------------------------------------------------------------------------------------
-    def mask_head_loss(self, k, stage, features, targets, context, name="loss_mask", weight=1.0):
+    def relay(self, k, stage):
+        """Feature relay into mask head ``k`` (SCNet paper §4.2, Fig. 4): the box head's shared features of
+        the stage's positives, through head k's relay; None without relays [impl 10]."""
+        return None if self.feature_relays is None else self.feature_relays[k](stage.shared[stage.positive])
+
+    def mask_head_loss(self, k, stage, features, targets, context, relay=None, name="loss_mask", weight=1.0):
         """``{name: weight x loss}`` of mask head ``k`` on the positives of ``stage`` (their input boxes
-        [impl 24.13]), with head k's feature relay from that stage's box head; plus ``loss_mask_iou``
-        with a MaskIoU head."""
-        positive = stage.positive
-        rois = stage.rois[positive]
+        [impl 24.13]), ``relay`` added to its input; plus ``loss_mask_iou`` with a MaskIoU head."""
+        rois = stage.rois[stage.positive]
         x = self.mask_features(features, rois, context, k)
-        relay = None if self.feature_relays is None else self.feature_relays[k](stage.shared[positive])
         logits = self.mask_heads[k](x if relay is None else x + relay)
         loss, targets_28 = self.mask_loss(logits, stage.samples, targets)
         losses = {name: weight * loss}
@@ -190,7 +192,8 @@ class RoIHeads(nn.Module):
         """BCE of the positives' GT-class logits against their 28x28 targets [impl 11.3-11.4]; also
         returns the per-image targets."""
         targets_28 = [
-            mask_targets(t["masks"], s.positive_boxes, s.matched_gt, self.mask_resolution) for s, t in zip(samples, targets)
+            mask_targets(t["masks"], s.positive_boxes, s.matched_gt, self.mask_resolution)
+            for s, t in zip(samples, targets)
         ]
         labels = torch.cat([s.positive_labels for s in samples])
         return mask_loss(logits, torch.cat(targets_28), labels), targets_28

@@ -1,4 +1,4 @@
-"""Box head of one cascade stage: two shared FCs, a classifier and a box regressor (spec §9.3, §9.5)."""
+"""Box head of one cascade stage: two shared FCs, a classifier and a box regressor [impl 9.3, 9.5]."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ class BoxHead(nn.Module):
     def __init__(self, in_channels=256, pool_size=7, fc_dim=1024, num_classes=80, class_agnostic=True, num_levels=1):
         super().__init__()
         flat = in_channels * pool_size * pool_size
-        # PANet's adaptive feature pooling (num_levels > 1): one fc1 per FPN level, max-fused (§3.2)
+        # PANet's adaptive feature pooling (num_levels > 1): one fc1 per FPN level, max-fused (PANet paper §3.2)
         if num_levels == 1:
             self.fc1 = nn.Linear(flat, fc_dim)
         else:
@@ -30,7 +30,7 @@ class BoxHead(nn.Module):
         self.bbox_pred = nn.Linear(fc_dim, 4 if class_agnostic else 4 * num_classes)
         self.num_classes = num_classes
         self.class_agnostic = class_agnostic
-        for fc in [*(self.fc1 if num_levels > 1 else [self.fc1]), self.fc2]:  # §18
+        for fc in [*(self.fc1 if num_levels > 1 else [self.fc1]), self.fc2]:  # [impl 18]
             nn.init.xavier_uniform_(fc.weight)
             nn.init.zeros_(fc.bias)
         nn.init.normal_(self.cls_score.weight, std=0.01)
@@ -58,7 +58,7 @@ class BoxHead(nn.Module):
 
 def box_loss(cls_logits, deltas, labels, box_targets, beta=1.0):
     """Cross-entropy over the sampled RoIs and Smooth L1 on the positives, both divided by the number
-    of sampled RoIs (§9.5, §24.11).
+    of sampled RoIs [impl 9.5, 24.11].
 
     Args:
         cls_logits: (R, C + 1); deltas: (R, 4) (class-agnostic, or already selected for the GT class).

@@ -34,8 +34,9 @@ class CascadeRoIHeads(RoIHeads):
         losses = {}
         for stage in self.box_stages(features, proposals, image_sizes, targets, context):
             losses.update(stage.losses)
-            name, weight = f"s{stage.index}.loss_mask", self.mask_loss_weights[stage.index]
-            losses.update(self.mask_head_loss(stage.index, stage, features, targets, context, name, weight))
+            t = stage.index  # mask head t learns from stage t's samples, with relay t from box head t
+            name, weight, relay = f"s{t}.loss_mask", self.mask_loss_weights[t], self.relay(t, stage)
+            losses.update(self.mask_head_loss(t, stage, features, targets, context, relay, name, weight))
         return losses
 
     def mask_probs(self, features, boxes_per_image, labels, context):

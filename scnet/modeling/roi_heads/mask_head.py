@@ -1,5 +1,5 @@
-"""Mask heads: SCNet's single deep head (SCNet §4.1 "effective sample consistency", spec §11) and the
-4-conv FCN head of Mask R-CNN / Cascade Mask R-CNN / HTC (spec §20), with HTC's mask information flow.
+"""Mask heads: SCNet's single deep head (SCNet paper §4.1 "effective sample consistency", [impl 11]) and the
+4-conv FCN head of Mask R-CNN / Cascade Mask R-CNN / HTC [impl 20], with HTC's mask information flow.
 
 SCNet stacks the three 4-conv mask branches of a cascade into one 12-conv branch with a skip every two
 convs, run once, on the last stage's boxes only.
@@ -27,7 +27,7 @@ class SCNetMaskHead(nn.Module):
         self.deconv = nn.ConvTranspose2d(in_channels, in_channels, 2, stride=2)
         self.predictor = nn.Conv2d(in_channels, num_classes, 1)
         self.fc_fusion = FullyConnectedFusion(in_channels) if fc_fusion else None
-        kaiming_fan_out_(self.deconv)  # §18
+        kaiming_fan_out_(self.deconv)  # [impl 18]
         kaiming_fan_out_(self.predictor)
 
     def forward(self, x):
@@ -42,7 +42,7 @@ class FCNMaskHead(nn.Module):
     """(R, C_in, 14, 14) -> ``num_convs`` x (3x3 conv + ReLU) -> deconv 2x2/2 -> ReLU -> 1x1 conv.
 
     Args:
-        info_flow: HTC's mask information flow (HTC §3.2): the previous stage's head's last conv
+        info_flow: HTC's mask information flow (HTC paper §3.2): the previous stage's head's last conv
             feature, through a 1x1 conv + ReLU, is added to this head's input.
         adaptive_levels, fc_fusion: PANet's adaptive feature pooling and fully-connected fusion (panet.py).
     """
@@ -60,7 +60,7 @@ class FCNMaskHead(nn.Module):
         self.predictor = nn.Conv2d(in_channels, num_classes, 1)
         self.info_flow = nn.Conv2d(in_channels, in_channels, 1) if info_flow else None
         for conv in [*self.convs, self.deconv, self.predictor] + ([self.info_flow] if info_flow else []):
-            kaiming_fan_out_(conv)  # mmcv ConvModule and FCNMaskHead init (§18)
+            kaiming_fan_out_(conv)  # mmcv ConvModule and FCNMaskHead init [impl 18]
 
     def trunk(self, x, previous=None):
         """The last conv feature (R, C_in, 14, 14); ``previous``: the previous HTC stage's trunk output."""
@@ -87,7 +87,7 @@ class FCNMaskHead(nn.Module):
 
 
 def mask_loss(mask_logits, mask_targets, labels):
-    """Mean BCE between the GT-class channel of each positive's logits and its 28x28 target (§11.4).
+    """Mean BCE between the GT-class channel of each positive's logits and its 28x28 target [impl 11.4].
 
     With no positive RoI the loss is an exact zero that still depends on every mask-head parameter,
     so that every process of a DDP job runs the same graph.

@@ -1,4 +1,4 @@
-"""MaskIoU head of Mask Scoring R-CNN (Huang et al., CVPR 2019), as in mmdet's ``MaskIoUHead`` (spec §21).
+"""MaskIoU head of Mask Scoring R-CNN (Huang et al., CVPR 2019), as in mmdet's ``MaskIoUHead`` [impl 21].
 
 It regresses the IoU between each predicted mask and its whole GT instance. At test time the mask
 score becomes predicted IoU x box score, so that COCO mask AP ranks the better masks first.
@@ -22,7 +22,7 @@ class MaskIoUHead(nn.Module):
     is called ``predictor`` here, as in the other heads.
 
     Args:
-        in_channels: channels of the mask RoI feature (the mask head's *input*, §21), 256.
+        in_channels: channels of the mask RoI feature (the mask head's *input*, [impl 21]), 256.
         roi_size: side of that feature, 14; the mask probabilities are 2 * roi_size = 28.
     """
 
@@ -36,7 +36,7 @@ class MaskIoUHead(nn.Module):
         pooled = math.ceil(roi_size / 2)  # 14 -> 7 (3x3, padding 1, stride 2)
         self.fcs = nn.ModuleList([nn.Linear(conv_channels * pooled * pooled, fc_dim), nn.Linear(fc_dim, fc_dim)])
         self.predictor = nn.Linear(fc_dim, num_classes)
-        # Init as mmdet's init_cfg (§21): 'Kaiming' (normal, fan_out, relu) on the convs,
+        # Init as mmdet's init_cfg [impl 21]: 'Kaiming' (normal, fan_out, relu) on the convs,
         # 'Caffe2Xavier' (= Kaiming-uniform, a=1, fan_in) on the fcs, Normal(0, 0.01) on fc_mask_iou; biases 0.
         for conv in self.convs:
             kaiming_fan_out_(conv)
@@ -84,7 +84,7 @@ def _gt_area_ratios(rois, gt_masks, matched_gt):
 
 @torch.no_grad()
 def mask_iou_targets(mask_probs, mask_targets, rois, gt_masks, matched_gt, threshold=0.5):
-    """IoU between each binarised predicted mask and its *whole* GT instance, one image (§21).
+    """IoU between each binarised predicted mask and its *whole* GT instance, one image [impl 21].
 
     The intersection is counted on the 28x28 RoI grid. The GT area on that grid only covers the part
     of the instance inside the RoI, so it is scaled up by the full-resolution ratio
@@ -113,7 +113,7 @@ def mask_iou_targets(mask_probs, mask_targets, rois, gt_masks, matched_gt, thres
 
 
 def mask_iou_loss(pred_iou, labels, targets):
-    """Mean squared error of the GT-class IoU prediction, over the RoIs whose target is > 0 (§21).
+    """Mean squared error of the GT-class IoU prediction, over the RoIs whose target is > 0 [impl 21].
 
     The 0.5 loss weight is applied by the caller. With no such RoI the loss is an exact zero that
     still depends on ``pred_iou``, so every DDP process runs the same graph; no host sync either way.
@@ -128,7 +128,7 @@ def mask_iou_loss(pred_iou, labels, targets):
 
 
 def mask_iou_head_loss(head, mask_features, mask_logits, samples, mask_targets_28, targets):
-    """Unweighted MaskIoU loss of one image batch's positives (§21).
+    """Unweighted MaskIoU loss of one image batch's positives [impl 21].
 
     Args:
         head: the MaskIoUHead; mask_features: (P, 256, 14, 14) the mask head's input (without relay);
@@ -146,7 +146,7 @@ def mask_iou_head_loss(head, mask_features, mask_logits, samples, mask_targets_2
 
 
 def mask_scores(pred_iou, labels, box_scores):
-    """Mask score of each detection = predicted IoU of its predicted class x its box score (§21).
+    """Mask score of each detection = predicted IoU of its predicted class x its box score [impl 21].
 
     pred_iou (D, C), labels (D,), box_scores (D,) -> (D,). Used as the segm score only; the box
     results keep the box score (mmdet 2.x, which produced the zoo numbers).

@@ -1,5 +1,5 @@
-"""PANet's RoI-side components (Liu et al., CVPR 2018): adaptive feature pooling (§3.2) and
-fully-connected fusion (§3.4). The bottom-up path augmentation is the neck in neck/pafpn.py.
+"""PANet's RoI-side components (Liu et al., CVPR 2018): adaptive feature pooling (PANet paper §3.2)
+and fully-connected fusion (PANet paper §3.4). The bottom-up path augmentation is the neck in neck/pafpn.py.
 
 Adaptive feature pooling pools every RoI from every FPN level; each level's grid goes through its own
 parameter layer, and the results are fused by an element-wise max. The box head's per-level layer is
@@ -27,7 +27,7 @@ class AdaptiveFusion(nn.Module):
 
 
 class FullyConnectedFusion(nn.Module):
-    """A class-agnostic fc mask (§3.4): 3x3 conv (C) -> 3x3 conv (C/2) -> fc to 28x28, added to every
+    """A class-agnostic fc mask (PANet paper §3.4): 3x3 conv (C) -> 3x3 conv (C/2) -> fc to 28x28, added to every
     class's FCN mask logits. It taps the feature entering the head's last conv (conv3 of four)."""
 
     def __init__(self, channels=256, roi_size=14, resolution=28):

@@ -1,11 +1,11 @@
-"""SCNet's RoI heads (Vu, Kang, Yoo, AAAI 2021; paper §4, Fig. 2c).
+"""SCNet's RoI heads (Vu, Kang, Yoo, AAAI 2021; SCNet paper §4, Fig. 2c).
 
 Three box stages as in Cascade Mask R-CNN, then the mask branch, trained on the samples of the LAST box
 stage only: at test the mask branch sees the final detections, which are last-stage boxes, so it learns
-from the same distribution of boxes it is applied to (sample consistency, §4.1, Fig. 1). The effective
+from the same distribution of boxes it is applied to (sample consistency, paper §4.1, Fig. 1). The effective
 form is one deep mask head (six residual blocks); the naive form of Table 3 keeps three 4-conv heads,
-all after the last stage. Feature relay (§4.2, Fig. 4) adds the last box head's shared feature to the
-mask head's input; the global context (§4.2, Fig. 5) reaches every RoI through the image context.
+all after the last stage. Feature relay (paper §4.2, Fig. 4) adds the last box head's shared feature to the
+mask head's input; the global context (paper §4.2, Fig. 5) reaches every RoI through the image context.
 """
 import torch
 
@@ -39,13 +39,15 @@ class SCNetRoIHeads(RoIHeads):
 
     def forward_train(self, features, proposals, image_sizes, targets, context):
         """Weighted losses: ``s{t}.loss_cls``, ``s{t}.loss_box`` and ``loss_mask`` (``s{k}.loss_mask``
-        with several mask heads), ``loss_mask_iou`` with a MaskIoU head."""
+        with several mask heads), ``loss_mask_iou`` with a MaskIoU head. (The semantic and global-context
+        losses come with the image context, from the detector's ContextBranches.)"""
         stages = list(self.box_stages(features, proposals, image_sizes, targets, context))
         losses = {name: loss for stage in stages for name, loss in stage.losses.items()}
         last = stages[-1]  # sample consistency: the mask branch learns from the last stage's samples
         for k, weight in enumerate(self.mask_loss_weights):
+            relay = self.relay(k, last)  # feature relay: the last box head's features of those samples
             name = "loss_mask" if len(self.mask_heads) == 1 else f"s{k}.loss_mask"
-            losses.update(self.mask_head_loss(k, last, features, targets, context, name, weight))
+            losses.update(self.mask_head_loss(k, last, features, targets, context, relay, name, weight))
         return losses
 
     def mask_probs(self, features, boxes_per_image, labels, context):

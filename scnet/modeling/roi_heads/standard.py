@@ -4,8 +4,8 @@ One box stage with class-specific regression, and one FCN mask head trained on t
 stage. Options, each a published addition to Mask R-CNN:
 - Mask Scoring R-CNN (Huang et al., CVPR 2019; [impl 21]): a MaskIoU head predicts each mask's IoU, and
   the mask score becomes predicted IoU x box score;
-- PANet (Liu et al., CVPR 2018): adaptive feature pooling (§3.2, per-level first layers of the box and
-  mask heads) and fully-connected fusion (§3.4, in the mask head); its neck is neck/pafpn.py;
+- PANet (Liu et al., CVPR 2018): adaptive feature pooling (PANet paper §3.2, per-level first layers of the box and
+  mask heads) and fully-connected fusion (PANet paper §3.4, in the mask head); its neck is neck/pafpn.py;
 - SCNet's feature relay (SCNet paper Table 4): the box head's shared feature added to the mask input.
 """
 import torch
@@ -34,8 +34,9 @@ class StandardRoIHeads(RoIHeads):
     def forward_train(self, features, proposals, image_sizes, targets, context):
         """Weighted losses ``s0.loss_cls``, ``s0.loss_box``, ``loss_mask`` (and ``loss_mask_iou``)."""
         (stage,) = self.box_stages(features, proposals, image_sizes, targets, context)
-        mask_losses = self.mask_head_loss(0, stage, features, targets, context, "loss_mask", self.mask_loss_weight)
-        return {**stage.losses, **mask_losses}
+        relay = self.relay(0, stage)
+        weight = self.mask_loss_weight
+        return {**stage.losses, **self.mask_head_loss(0, stage, features, targets, context, relay, "loss_mask", weight)}
 
     def mask_probs(self, features, boxes_per_image, labels, context):
         """(D, 28, 28): the mask head on the final boxes."""
