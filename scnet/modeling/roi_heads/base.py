@@ -117,7 +117,7 @@ class RoIHeads(nn.Module):
     # Training: the box stages
     # ----------------------------------------------------------------------------------------------
     def box_stages(self, features, proposals, image_sizes, targets, context):
-        """Yield each stage of the box cascade in turn (match, sample, run, losses, refine) [impl 9.4-9.6].
+        """Yield each stage of the box cascade in turn (match, sample, run, losses, refine) [impl 9.4, 9.5, 9.6].
 
         Args:
             features: [P2..P6]; proposals: per-image (K_i, 4) RPN boxes; image_sizes: per-image (h, w);
@@ -189,7 +189,7 @@ class RoIHeads(nn.Module):
         return losses
 
     def mask_loss(self, logits, samples, targets):
-        """BCE of the positives' GT-class logits against their 28x28 targets [impl 11.3-11.4]; also
+        """BCE of the positives' GT-class logits against their 28x28 targets [impl 11.3, 11.4]; also
         returns the per-image targets."""
         targets_28 = [
             mask_targets(t["masks"], s.positive_boxes, s.matched_gt, self.mask_resolution)
