@@ -7,8 +7,8 @@ setup(
     packages=find_packages(include=["scnet", "scnet.*"]),
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
+        "torch>=2.5",  # public state-dict hooks (detector.py)
+        "torchvision>=0.20",
         "pycocotools",
         "numpy",
         "pyyaml",

@@ -6,12 +6,8 @@ Writes ``<out>/{train,val}/*.jpg``, ``<out>/stuffthingmaps/{train,val}/*.png`` a
 ``<out>/annotations/instances_{train,val}.json`` (see scnet/data/synthetic.py for what the images hold).
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from scnet.data.synthetic import make_synthetic_coco  # noqa: E402
+from scnet.data.synthetic import make_synthetic_coco
 
 
 def main():

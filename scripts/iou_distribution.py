@@ -64,8 +64,6 @@ def matched_ious(boxes, gt_boxes):
 @contextlib.contextmanager
 def recording_positive_ious(roi_heads):
     """Wrap ``roi_heads._match_and_sample``; yields {stage: [per-image (P,) IoU tensors]}; unwraps after."""
-    if not hasattr(roi_heads, "_match_and_sample"):
-        raise TypeError(f"{type(roi_heads).__name__} samples no RoIs per stage: this tool needs SCNet's RoI heads")
     original = roi_heads._match_and_sample
     ious = {stage: [] for stage in range(roi_heads.num_stages)}
 

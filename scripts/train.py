@@ -139,7 +139,12 @@ def set_up(args):
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     iters_per_epoch = len(loader.batch_sampler)
-    total_iters = cfg.solver.epochs * iters_per_epoch
+    if state.batch_in_epoch >= iters_per_epoch:  # resumed from a checkpoint of an epoch's last batch
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    # the schedule is in epochs: a run resumed with another batch layout (world size, images_per_gpu)
+    # trains the rest of its epochs in batches of the new size and stops at the same epoch
+    remaining = max(0, (cfg.solver.epochs - state.epoch) * iters_per_epoch - state.batch_in_epoch)
+    total_iters = state.iteration + remaining
     if cfg.solver.max_iters:
         total_iters = min(total_iters, cfg.solver.max_iters)
     log(f"{len(dataset)} images, {world} process(es) x {cfg.solver.images_per_gpu} images, "
@@ -155,11 +160,9 @@ def train(run, state):
     and at the end. Returns the number of problems met while loading images."""
     solver, period = run.cfg.solver, run.cfg.train.checkpoint_period
     iters_per_epoch = len(run.loader.batch_sampler)
-    if state.batch_in_epoch >= iters_per_epoch:  # resumed from a checkpoint of an epoch's last batch
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     load_issues = 0
     run.model.train()
-    while state.iteration < run.total_iters:
+    while state.iteration < run.total_iters and state.epoch < solver.epochs:
         run.loader.batch_sampler.set_epoch(state.epoch, state.batch_in_epoch)  # the rest of this epoch
         end = time.time()
         for images, targets in run.loader:

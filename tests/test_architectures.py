@@ -79,7 +79,6 @@ INVALID = [
     ("mask_rcnn", ["model.global_context.enabled=true"], ["model.global_context"]),
     ("cascade_mask_rcnn", ["model.panet.adaptive_pooling=true"], ["model.panet"]),
     ("scnet", ["model.mask_head.placement=per_stage"], ["model.mask_head.placement", "scnet"]),
-    ("scnet", ["model.mask_head.interleaved=true"], ["model.mask_head.interleaved"]),
     ("scnet", ["model.mask_iou.enabled=true", "model.mask_head.num_heads=3"],
      ["model.mask_iou.enabled", "model.mask_head.num_heads"]),
     ("scnet", ["model.mask_head.num_heads=0"], ["model.mask_head.num_heads"]),
@@ -98,6 +97,10 @@ INVALID = [
     ("scnet", ["model.semantic.loss_normalization=mean"], ["model.semantic.loss_normalization"]),
     ("scnet", ["model.backbone.type=sc_resnet", "model.backbone.groups=64"], ["model.backbone.groups"]),
     ("scnet", ["model.num_classes=0"], ["model.num_classes"]),
+    ("scnet", ["model.mask_head.resolution=14"], ["model.mask_head.resolution", "model.roi_heads.mask_pool_size"]),
+    ("scnet", ["model.roi_heads.box_pool_size=6"], ["model.feature_relay", "model.roi_heads.box_pool_size"]),
+    ("mask_rcnn", ["model.panet.fc_fusion=true", "model.roi_heads.mask_pool_size=12", "model.mask_head.resolution=24"],
+     ["model.panet.fc_fusion", "model.roi_heads.mask_pool_size"]),
     ("rcnn", [], ["model.arch"]),
 ]
 

@@ -1,6 +1,7 @@
 """scripts/train.py end to end on generated data: resume after a kill, DDP with torchrun, bad data, NaN guard."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -90,6 +91,21 @@ def test_killed_run_resumed_with_auto_ends_with_the_same_weights(dataset_dir, tm
     assert result["iteration"] == expected["iteration"] > 2
     for key in expected["model"]:
         assert torch.equal(expected["model"][key], result["model"][key]), key
+
+
+def test_resumed_with_another_batch_size_stops_at_the_same_epoch(dataset_dir, tmp_path):
+    # one epoch in batches of 2, then the second in batches of 1 (twice as many iterations)
+    first = _run(_overrides(dataset_dir, "solver.epochs=1", "solver.images_per_gpu=2"), tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    done = _final_weights(tmp_path)
+    assert done["epoch"] == 1
+    resumed = _run(["--resume", "auto", *_overrides(dataset_dir, "solver.epochs=2", "solver.images_per_gpu=1")],
+                   tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    per_epoch = int(re.search(r"(\d+) iterations/epoch", resumed.stdout).group(1))
+    assert per_epoch > done["iteration"]
+    result = _final_weights(tmp_path)
+    assert (result["epoch"], result["iteration"]) == (2, done["iteration"] + per_epoch)
 
 
 def _losses(output_dir):

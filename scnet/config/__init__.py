@@ -7,7 +7,7 @@ strings override single values. Any unknown key, including an option the chosen 
 have, is an error that names the key, so a typo never silently trains another model. The defaults with
 no ``model.arch`` are SCNet R-50-FPN 20e.
 
-    cfg = get_cfg("configs/r50_1x.yaml", ["solver.lr=0.01", "model.backbone.depth=101"])
+    cfg = get_cfg("configs/r50_1x.yaml", ["solver.base_lr=0.01", "model.backbone.depth=101"])
 """
 import dataclasses
 import typing

@@ -299,9 +299,27 @@ ARCHITECTURES = {
 }
 
 
+def _check_roi_sizes(m):
+    """The RoI sizes the heads are wired for: every mask head (and the MaskIoU head) upsamples its
+    mask_pool_size input 2x, the relay upsamples box_pool_size 2x, PANet's fc fusion is 14 -> 28."""
+    r, h = m.roi_heads, m.mask_head
+    if h.resolution != 2 * r.mask_pool_size:
+        raise ValueError(f"model.mask_head.resolution={h.resolution} must be 2 x model.roi_heads.mask_pool_size="
+                         f"{r.mask_pool_size} (the mask heads upsample their RoI features 2x)")
+    relay = getattr(m, "feature_relay", None)
+    if relay is not None and relay.enabled and r.mask_pool_size != 2 * r.box_pool_size:
+        raise ValueError(f"model.feature_relay needs model.roi_heads.mask_pool_size={r.mask_pool_size} to be 2 x "
+                         f"model.roi_heads.box_pool_size={r.box_pool_size} (the relay upsamples box features 2x)")
+    panet = getattr(m, "panet", None)
+    if panet is not None and panet.fc_fusion and (r.mask_pool_size, h.resolution) != (14, 28):
+        raise ValueError(f"model.panet.fc_fusion is built for model.roi_heads.mask_pool_size=14 and "
+                         f"model.mask_head.resolution=28, got {r.mask_pool_size} and {h.resolution}")
+
+
 def build_detector(cfg) -> nn.Module:
     if cfg.model.arch not in ARCHITECTURES:
         raise ValueError(f"unknown model.arch {cfg.model.arch!r}; choose from {sorted(ARCHITECTURES)}")
     if cfg.model.num_classes < 1:
         raise ValueError(f"model.num_classes must be at least 1, got {cfg.model.num_classes}")
+    _check_roi_sizes(cfg.model)
     return ARCHITECTURES[cfg.model.arch](cfg)

@@ -93,8 +93,10 @@ class RoIHeads(nn.Module):
         super().__init__()
         assert len(box_heads) == len(stage_ious) == len(stage_loss_weights) == len(box_stds)
         self.box_heads = nn.ModuleList(box_heads)
+        self.mask_heads = None  # subclasses: an nn.ModuleList of their mask heads
         self.feature_relays = None  # subclasses with feature relay: one per mask head
         self.mask_iou_head = None  # subclasses with Mask Scoring R-CNN's head on their (only) mask head
+        self.mask_iou_loss_weight = 0.0
         self.box_pooler = MultiLevelRoIAlign(box_pool_size, finest_scale=finest_scale)
         self.mask_pooler = MultiLevelRoIAlign(mask_pool_size, finest_scale=finest_scale)
         self.box_coders = [BoxCoder(stds) for stds in box_stds]
@@ -129,7 +131,7 @@ class RoIHeads(nn.Module):
             rois = rois_from_boxes([s.boxes for s in samples])
             cls_logits, deltas, shared = self.run_box_head(t, features, rois, context)
             losses = self._box_losses(t, samples, cls_logits, deltas, targets)
-            proposals = self._refine(t, samples, deltas, image_sizes)
+            proposals = self._refine(t, samples, deltas, image_sizes)  # after the last stage: HTC's mask samples
             yield Stage(t, samples, rois, shared, proposals, losses)
 
     def _match_and_sample(self, stage, proposals, target):
@@ -181,14 +183,14 @@ class RoIHeads(nn.Module):
         rois = stage.rois[stage.positive]
         x = self.mask_features(features, rois, context, k)
         logits = self.mask_heads[k](x if relay is None else x + relay)
-        loss, targets_28 = self.mask_loss(logits, stage.samples, targets)
+        loss, targets_28 = self.mask_loss_and_targets(logits, stage.samples, targets)
         losses = {name: weight * loss}
         if self.mask_iou_head is not None:  # Mask Scoring R-CNN, on the mask features without the relay
             loss = mask_iou_head_loss(self.mask_iou_head, x, logits, stage.samples, targets_28, targets)
             losses["loss_mask_iou"] = self.mask_iou_loss_weight * loss
         return losses
 
-    def mask_loss(self, logits, samples, targets):
+    def mask_loss_and_targets(self, logits, samples, targets):
         """BCE of the positives' GT-class logits against their 28x28 targets [impl 11.3, 11.4]; also
         returns the per-image targets."""
         targets_28 = [
@@ -207,13 +209,14 @@ class RoIHeads(nn.Module):
 
     def run_box_head(self, stage, features, rois, context):
         """Box head ``stage`` on pooled FPN features + the image context [impl 8, 9.3]."""
-        x = context.add_to(self._pool(self.box_pooler, features, rois), rois, self.mask_pool_size)
+        # the semantic feature is pooled at the mask RoI size for both branches [impl 8]
+        x = context.add_to(self._pool(self.box_pooler, features, rois), rois, semantic_size=self.mask_pool_size)
         return self.box_heads[stage](x)
 
     def mask_features(self, features, rois, context, k=None):
         """Pooled FPN features + the image context: the (R, 256, 14, 14) input of a mask head [impl 2].
         With adaptive pooling, mask head ``k``'s per-level first layer fuses the levels (PANet paper §3.2)."""
-        x = context.add_to(self._pool(self.mask_pooler, features, rois), rois, self.mask_pool_size)
+        x = context.add_to(self._pool(self.mask_pooler, features, rois), rois, semantic_size=self.mask_pool_size)
         fusion = None if k is None else self.mask_heads[k].level_fusion
         return x if fusion is None else fusion(x)
 

@@ -35,8 +35,8 @@ class CascadeRoIHeads(RoIHeads):
         for stage in self.box_stages(features, proposals, image_sizes, targets, context):
             losses.update(stage.losses)
             t = stage.index  # mask head t learns from stage t's samples, with relay t from box head t
-            name, weight, relay = f"s{t}.loss_mask", self.mask_loss_weights[t], self.relay(t, stage)
-            losses.update(self.mask_head_loss(t, stage, features, targets, context, relay, name, weight))
+            losses.update(self.mask_head_loss(t, stage, features, targets, context, relay=self.relay(t, stage),
+                                              name=f"s{t}.loss_mask", weight=self.mask_loss_weights[t]))
         return losses
 
     def mask_probs(self, features, boxes_per_image, labels, context):

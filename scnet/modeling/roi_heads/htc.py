@@ -40,7 +40,7 @@ class HTCRoIHeads(RoIHeads):
                 samples = [self._match_and_sample(t, boxes, target) for boxes, target in zip(stage.refined, targets)]
             rois = rois_from_boxes([s.positive_boxes for s in samples])
             logits = self._mask_logits(t, self.mask_features(features, rois, context))
-            loss, _ = self.mask_loss(logits, samples, targets)
+            loss, _ = self.mask_loss_and_targets(logits, samples, targets)
             losses[f"s{t}.loss_mask"] = self.mask_loss_weights[t] * loss
         return losses
 

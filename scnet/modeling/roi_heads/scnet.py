@@ -47,7 +47,8 @@ class SCNetRoIHeads(RoIHeads):
         for k, weight in enumerate(self.mask_loss_weights):
             relay = self.relay(k, last)  # feature relay: the last box head's features of those samples
             name = "loss_mask" if len(self.mask_heads) == 1 else f"s{k}.loss_mask"
-            losses.update(self.mask_head_loss(k, last, features, targets, context, relay, name, weight))
+            losses.update(self.mask_head_loss(k, last, features, targets, context, relay=relay, name=name,
+                                              weight=weight))
         return losses
 
     def mask_probs(self, features, boxes_per_image, labels, context):

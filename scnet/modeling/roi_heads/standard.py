@@ -34,9 +34,9 @@ class StandardRoIHeads(RoIHeads):
     def forward_train(self, features, proposals, image_sizes, targets, context):
         """Weighted losses ``s0.loss_cls``, ``s0.loss_box``, ``loss_mask`` (and ``loss_mask_iou``)."""
         (stage,) = self.box_stages(features, proposals, image_sizes, targets, context)
-        relay = self.relay(0, stage)
-        weight = self.mask_loss_weight
-        return {**stage.losses, **self.mask_head_loss(0, stage, features, targets, context, relay, "loss_mask", weight)}
+        mask_losses = self.mask_head_loss(0, stage, features, targets, context, relay=self.relay(0, stage),
+                                          weight=self.mask_loss_weight)
+        return {**stage.losses, **mask_losses}
 
     def mask_probs(self, features, boxes_per_image, labels, context):
         """(D, 28, 28): the mask head on the final boxes."""
