@@ -1,5 +1,6 @@
 """Every reference in the code points at something a reader of the repository can open: ``[impl N]``
-at a section of docs/official_implementation.md, and ``§`` only at a paper's section."""
+at a section of docs/official_implementation.md (1-12) or docs/official_implementation_2.md
+(13-25), and ``§`` only at a paper's section."""
 import re
 import subprocess
 
@@ -7,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 
-DOC = "docs/official_implementation.md"
+DOCS = ("docs/official_implementation.md", "docs/official_implementation_2.md")
 IMPL = re.compile(r"\[impl ([^\]]+)\]")
 
 
@@ -17,13 +18,16 @@ def _tracked_files():
                              text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
-    return [f for f in out.split() if f.endswith((".py", ".md", ".yaml", ".sh")) and f not in (DOC, "tests/test_docs.py")]
+    sources = (".py", ".md", ".yaml", ".sh")
+    return [f for f in out.split() if f.endswith(sources) and f not in (*DOCS, "tests/test_docs.py")]
 
 
 def _doc_targets():
     """{"9.4", "24.10", "19 row 2", ...}: the sections, checklist items and table rows of the document."""
-    with open(f"{ROOT}/{DOC}") as f:
-        text = f.read()
+    text = ""
+    for doc in DOCS:
+        with open(f"{ROOT}/{doc}") as f:
+            text += f.read()
     targets = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)[. ]", text, re.M))
     checklist = text[text.index("\n## 24."):text.index("\n## 25.")]
     targets |= {f"24.{n}" for n in re.findall(r"^(\d+)\. ", checklist, re.M)}

@@ -12,7 +12,7 @@ The tool runs SCNet only (its hooks expect SCNet's global-context head; HTC, Cas
 Mask R-CNN stop with an AttributeError), so SCNet R-50 is the one case.
 
 Our defaults follow mmdet 2.x, which trained the released models, where 2.x and 3.x differ
-(docs/official_implementation.md [impl 19]). For this comparison the two training-time 3.x switches
+(docs/official_implementation_2.md [impl 19]). For this comparison the two training-time 3.x switches
 are set: ``model.semantic.pad_value=255`` (3.x pads the semantic map with 255, ignored; 2.x with 0) and
 ``model.semantic.loss_normalization=all`` (3.x averages the semantic loss over all pixels, 2.x over
 the labelled ones). The other rows of that table do not touch a training step (the RPN's empty-box

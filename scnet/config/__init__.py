@@ -1,7 +1,7 @@
 """Typed configuration: documented defaults, YAML files that list only what differs, CLI overrides.
 
 ``model.arch`` selects the model's schema: each architecture (``MODEL_CONFIGS``) has its own defaults,
-the official model's ([impl N] cites docs/official_implementation.md), and only the options it
+the official model's ([impl N] cites docs/official_implementation*.md), and only the options it
 supports. A YAML file is a nested mapping whose keys must exist in that schema; ``key.sub=value``
 strings override single values. Any unknown key, including an option the chosen architecture does not
 have, is an error that names the key, so a typo never silently trains another model. The defaults with

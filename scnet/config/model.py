@@ -1,5 +1,5 @@
 """The model's configuration: one schema per architecture (``MODEL_CONFIGS``), each with the official
-model's defaults ([impl N] cites docs/official_implementation.md) and only the options it supports.
+model's defaults ([impl N] cites docs/official_implementation*.md) and only the options it supports.
 Loading, overrides and the rest of the configuration: ``scnet.config``."""
 from dataclasses import dataclass, field
 from typing import List
