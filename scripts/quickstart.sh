@@ -15,9 +15,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q -r requirements.txt
+"$VENV/bin/pip" install -q -r requirements.txt -c constraints.txt
 "$VENV/bin/pip" install -q --no-deps -e .
 PY="$VENV/bin/python"
+
+# The same numbers on every x86-64 machine with AVX2, given constraints.txt's versions: the thread count
+# and the CPU code paths of ATen, oneDNN (convolutions) and MKL (matrix products) each change the float
+# rounding of training, hence its final AP, so all four are fixed: two threads, AVX2 kernels even where
+# the CPU has AVX-512 or AMX. (Measured on the quick start: no slower on a 2-core AVX-512 machine.)
+export OMP_NUM_THREADS=2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2
 
 echo "== 1/4 dataset: $DATA"
 [ -f "$DATA/annotations/instances_val.json" ] || "$PY" datasets/make_synthetic.py "$DATA"

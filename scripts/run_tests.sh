@@ -4,9 +4,9 @@
 # The numerical parity tests against the official implementation (inference and one training step)
 # need reference dumps. When SCNET_REF_DIR does not already hold them and the reference tool is found
 # next to the repository (../shared/tools/mmdet_reference, or SCNET_REF_TOOL), this script builds them
-# first (about 8 minutes, PyPI only, outside the repository); the training one also needs the real COCO
-# sample (../shared/data/coco_train2017_sample, or SCNET_COCO_SAMPLE). Otherwise the parity tests report
-# themselves as skipped.
+# first (about 8 minutes, PyPI only, outside the repository); the training one and the one on real photos
+# also need the real COCO sample (../shared/data/coco_train2017_sample, or SCNET_COCO_SAMPLE). Otherwise
+# the parity tests report themselves as skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -16,7 +16,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q -r requirements.txt pytest
+"$VENV/bin/pip" install -q -r requirements.txt -r requirements-test.txt -c constraints.txt
 "$VENV/bin/pip" install -q --no-deps -e .
 
 export SCNET_REF_DIR=${SCNET_REF_DIR:-$HOME/.cache/scnet-mmdet-ref/data}
@@ -37,6 +37,15 @@ build_reference() {
     "$VENV/bin/python" tests/parity_batch.py "$train_dir/batch.npz" --sample "$SAMPLE" > /dev/null
     (cd "$TOOL" && "$SCNET_REF_ENV/bin/python" train_ref.py --batch "$train_dir/batch.npz" --out "$train_dir" > /dev/null)
   fi
+  # parity through model([rgb]) on real photos that need the test-time resize (tests/test_parity_photos.py)
+  [ -d "$SAMPLE" ] || return 0
+  local photos
+  photos=$(cd tests && "$VENV/bin/python" -c "from test_parity_photos import PHOTOS; print(*PHOTOS)")
+  for photo in $photos; do
+    [ -f "$SCNET_REF_DIR/scnet_r50_fpn_20e_coco_seed0_bncalib_${photo}.npz" ] ||
+      (cd "$TOOL" && "$SCNET_REF_ENV/bin/python" run_ref.py --config scnet_r50_fpn_20e_coco --seed 0 \
+        --image "$SAMPLE/train2017/$photo.jpg" --out-dir "$SCNET_REF_DIR" > /dev/null)
+  done
 }
 if [ "${SCNET_SKIP_REFERENCE:-0}" != 1 ] && [ -f "$TOOL/run_ref.py" ]; then
   echo "building the MMDetection reference dumps in $SCNET_REF_DIR (parity test)"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from scnet.ops.boxes import box_iou
+from scnet.ops.image import resize_image
 
 from conftest import synthetic_sample, tiny_model
 
@@ -167,8 +168,8 @@ def test_inference_resizes_to_the_test_scale_and_back(overfit):
     model, image, _, _ = overfit
     half = torch.nn.functional.interpolate(image[None].float(), scale_factor=0.5, mode="area")[0]
     half = half.round().to(torch.uint8)  # (3, 96, 120); the test scale (256, 192) doubles it
-    up = torch.nn.functional.interpolate(half[None].float(), size=(192, 240), mode="bilinear")[0]
-    small, large = model([half])[0], model([up.round().clamp(0, 255).to(torch.uint8)])[0]
+    up = resize_image(half, (192, 240))  # the model's resize (OpenCV's, scnet/ops/image.py)
+    small, large = model([half])[0], model([up])[0]
     assert small["masks"].shape[1:] == (96, 120) and large["masks"].shape[1:] == (192, 240)
     assert small["boxes"].shape[0] > 0
     torch.testing.assert_close(small["boxes"] * 2, large["boxes"])

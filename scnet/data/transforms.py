@@ -6,9 +6,8 @@ They return new tensors and a new dict; other keys of the target are passed thro
 padding and the 1/8 semantic map are the model's job (scnet/modeling/detector.py), not done here.
 """
 import torch
-import torch.nn.functional as F
 
-from ..ops.image import rescale_size
+from ..ops.image import rescale_size, resize_image, resize_nearest
 from ..ops.boxes import clip_boxes_
 
 
@@ -22,35 +21,9 @@ def resize_scale(height, width, scale=(1333, 800)):
     return new_h, new_w, new_w / width, new_h / height
 
 
-def resize_image(image, size):
-    """(3, H, W) uint8 -> (3, h, w) uint8, bilinear without antialiasing (cv2 INTER_LINEAR-like).
-
-    Same arithmetic as the detector's own test-time resize: float bilinear, then round and clamp back
-    to uint8 because the official pipeline resizes uint8 images and gets uint8 back.
-    """
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    out = F.interpolate(image[None].float(), size=tuple(size), mode="bilinear", align_corners=False, antialias=False)
-    return out[0].round().clamp(0, 255).to(torch.uint8)
-
-
-def resize_nearest(tensor, size):
-    """Masks (G, H, W) or a label map (H, W) -> spatial ``size``, legacy nearest (= cv2 INTER_NEAREST).
-
-    Label values are never interpolated: source pixel floor(i * H / h) is copied [impl 24.22].
-    """
-    size = tuple(size)
-    if tuple(tensor.shape[-2:]) == size:
-        return tensor
-    if tensor.dim() == 3 and tensor.shape[0] == 0:  # no instances: F.interpolate rejects empty batches
-        return tensor.new_zeros((0,) + size)
-    batched = tensor[None] if tensor.dim() == 3 else tensor[None, None]
-    out = F.interpolate(batched, size=size, mode="nearest")
-    return out[0] if tensor.dim() == 3 else out[0, 0]
-
-
 def resize(image, target, scale=(1333, 800)):
-    """Keep-ratio resize of the image, boxes, masks and semantic map to ``scale`` ([impl 16.1] step 3).
+    """Keep-ratio resize of the image, boxes, masks and semantic map to ``scale`` ([impl 16.1] step 3):
+    the image bilinear, masks and map nearest, each exactly as OpenCV does it (scnet/ops/image.py).
 
     Boxes are multiplied per axis by (w_scale, h_scale) and clipped to the new image. The target's
     ``scale_factor`` becomes (w_scale, h_scale) relative to the input of this call.

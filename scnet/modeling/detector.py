@@ -24,9 +24,8 @@ and padded batch instead (e.g. the official pipeline's), which the numerical par
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..ops.image import as_chw_tensor, rescale_size
+from ..ops.image import as_chw_tensor, rescale_size, resize_image
 from ..ops.image_list import ImageList
 from ..ops.masks import paste_masks
 
@@ -158,11 +157,8 @@ class TwoStageDetector(nn.Module):
             image = as_chw_tensor(image).to(self.device)
             h, w = image.shape[-2:]
             new_h, new_w = rescale_size(h, w, self.test_scale)
-            if (new_h, new_w) != (h, w):
-                out = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
-                # the official pipeline resizes uint8 images and gets uint8 back
-                image = out.round().clamp(0, 255) if image.dtype == torch.uint8 else out
-            resized.append(image)
+            # uint8 as the official pipeline resizes it (cv2, uint8 out); a float image with torch's bilinear
+            resized.append(resize_image(image, (new_h, new_w)))
             scale_factors.append((new_w / w, new_h / h))
             original_sizes.append((h, w))
         batch = self.normalize_and_pad(resized)

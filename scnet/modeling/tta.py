@@ -12,7 +12,7 @@ from torchvision.ops import nms
 
 from ..ops.boxes import multiclass_nms
 from ..ops.masks import paste_masks
-from ..ops.image import as_chw_tensor, rescale_size
+from ..ops.image import as_chw_tensor, rescale_size, resize_image
 
 # (short, long) maxima of the official multi-scale test [impl 15]
 OFFICIAL_SCALES = ((600, 900), (800, 1200), (1000, 1500), (1200, 1800), (1400, 2100))
@@ -28,9 +28,7 @@ class _View:
     def __init__(self, model, image, scale, flip):
         h, w = image.shape[-2:]
         new_h, new_w = rescale_size(h, w, scale)
-        resized = torch.nn.functional.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear")[0]
-        if image.dtype == torch.uint8:  # as the model's own resize (and the official uint8 pipeline)
-            resized = resized.round().clamp(0, 255)
+        resized = resize_image(image, (new_h, new_w))  # as the model's own resize (the official uint8 one)
         if flip:
             resized = resized.flip(-1)
         batch = model.normalize_and_pad([resized])
