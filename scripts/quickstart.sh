@@ -27,6 +27,8 @@ export OMP_NUM_THREADS=2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CB
 
 echo "== 1/4 dataset: $DATA"
 [ -f "$DATA/annotations/instances_val.json" ] || "$PY" datasets/make_synthetic.py "$DATA"
+# the digest README.md gives: a different one means the data, not the training, differs
+echo "dataset digest: $(cd "$DATA" && find . -type f | LC_ALL=C sort | xargs cat | sha1sum | cut -c1-16)"
 
 echo "== 2/4 training (configs/quickstart.yaml) -> $OUT"
 "$PY" scripts/train.py --cfg configs/quickstart.yaml --output-dir "$OUT"
