@@ -1,5 +1,6 @@
 """Image geometry shared by the data pipeline and the detector: the keep-ratio size, and resizes equal,
-bit for bit, to OpenCV's ``cv2.resize``, which the official pipeline uses (mmcv ``imresize``, cv2 backend).
+bit for bit, to OpenCV's ``cv2.resize``, which the official pipeline uses (mmcv ``imresize``, cv2 backend;
+[impl 24.21, 24.22]).
 
 Bilinear on uint8 (``INTER_LINEAR``) is fixed-point in OpenCV: each output pixel's source position is
 computed in float32, its two weights per axis are rounded to 11-bit integers, the horizontal pass sums
