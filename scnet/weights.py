@@ -7,7 +7,7 @@ error that names the key. Nothing is skipped silently.
 """
 import re
 
-import torch
+from .utils.files import load_file
 
 # (official name pattern, our name). Applied in order; the first full match wins.
 MMDET_RULES = [
@@ -90,10 +90,9 @@ def convert_mmdet_state_dict(official, reference):
 
 
 def read_checkpoint(path_or_url):
-    """The raw object of a checkpoint file (a URL goes through torch.hub's cache)."""
-    if "://" in str(path_or_url):
-        return torch.hub.load_state_dict_from_url(str(path_or_url), map_location="cpu", progress=False)
-    return torch.load(path_or_url, map_location="cpu", weights_only=False)
+    """The raw object of a checkpoint file (a URL goes through torch.hub's cache), read without running
+    code from it (scnet/utils/files.py)."""
+    return load_file(path_or_url)
 
 
 def extract_state_dict(obj):

@@ -16,6 +16,7 @@ import torch
 
 import scnet
 from scnet.config import to_dict
+from scnet.utils.files import report_file_errors
 from scnet.weights import (
     convert_mmdet_state_dict,
     extract_state_dict,
@@ -58,4 +59,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    report_file_errors(main)

@@ -31,6 +31,7 @@ from PIL import Image
 import scnet
 from scnet.config import get_cfg
 from scnet.data.checks import DataError, LoadError, category_mapping, decode_image, load_annotation_file
+from scnet.utils.files import load_file, report_file_errors
 from scnet.utils.malloc import keep_freed_memory
 from scnet.utils.visualize import draw_instances
 
@@ -73,10 +74,7 @@ def checkpoint_metadata(path):
     """
     if not os.path.isfile(path):
         return None, None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # a file of the pre-1.6 (non-zip) format cannot be memory-mapped
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_file(path, mmap=True)
     if not isinstance(checkpoint, dict):
         return None, None
     meta = checkpoint.get("meta") or {}
@@ -167,4 +165,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    report_file_errors(main)

@@ -25,6 +25,7 @@ from scnet.engine import dist
 from scnet.engine.compile import compile_dense_parts
 from scnet.engine.evaluate import gather_results, inference_on_dataset
 from scnet.modeling.tta import TestTimeAugmentation
+from scnet.utils.files import report_file_errors
 from scnet.utils.malloc import keep_freed_memory
 from scnet.evaluation.coco_eval import (
     IOU_TYPES,
@@ -150,4 +151,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    report_file_errors(main)

@@ -31,6 +31,7 @@ from scnet.config import get_cfg
 from scnet.data.build import build_train_dataset
 from scnet.data.coco import CocoDataset
 from scnet.ops.boxes import box_iou
+from scnet.utils.files import report_file_errors
 from scnet.utils.visualize import draw_histogram
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.75)  # the red percentages of the paper's Figure 1
@@ -186,4 +187,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    report_file_errors(main)

@@ -42,6 +42,7 @@ from scnet.engine.train import (
     weights_digest,
 )
 from scnet.modeling.backbone.resnet import load_pretrained
+from scnet.utils.files import report_file_errors
 from scnet.utils.malloc import keep_freed_memory
 
 
@@ -240,4 +241,4 @@ def report_load_issues(state, logger):
 
 
 if __name__ == "__main__":
-    main()
+    report_file_errors(main)

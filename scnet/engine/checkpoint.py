@@ -11,6 +11,7 @@ import subprocess
 import torch
 
 import scnet
+from ..utils.files import FileError, load_file
 
 NAME = "checkpoint_{:08d}.pth"
 PATTERN = re.compile(r"checkpoint_(\d{8})\.pth$")
@@ -57,16 +58,13 @@ def list_checkpoints(output_dir):
 
 
 def load_checkpoint(path):
-    """Read and validate a checkpoint; raises ValueError saying what is wrong with it."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or corrupt file fails inside the zip reader or the unpickler
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+    """Read and validate a checkpoint; raises FileError saying what is wrong with it."""
+    state = load_file(path)  # ValueError naming the file: unreadable, truncated, or content that could run code
     missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
-        raise ValueError(f"{path} is not a training checkpoint (missing {missing})")
+        raise FileError(f"{path} is not a training checkpoint (missing {missing})")
     if not all_finite(state["model"]):
-        raise ValueError(f"{path} holds NaN/Inf weights")
+        raise FileError(f"{path} holds NaN/Inf weights")
     return state
 
 
@@ -80,7 +78,7 @@ def resolve_resume(resume, output_dir, log=print):
     for path in list_checkpoints(output_dir):
         try:
             return load_checkpoint(path), path
-        except ValueError as e:
+        except FileError as e:
             log(f"WARNING: {e}; trying the previous checkpoint")
     log(f"no valid checkpoint in {output_dir}: starting from scratch")
     return None, None

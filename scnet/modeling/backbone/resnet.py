@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...utils.files import load_file
+
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
@@ -124,10 +126,7 @@ def load_pretrained(backbone, path_or_url):
     A URL goes through torch.hub's cache. The classifier (``fc.*``) is not part of the backbone and is
     dropped; any other unknown or missing key is an error that names it.
     """
-    if "://" in path_or_url:
-        state = torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", progress=False)
-    else:
-        state = torch.load(path_or_url, map_location="cpu", weights_only=False)
+    state = load_file(path_or_url)
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     state = {k[len("backbone.") :] if k.startswith("backbone.") else k: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
