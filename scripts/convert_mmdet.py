@@ -12,11 +12,9 @@ import argparse
 import os
 import sys
 
-import torch
-
 import scnet
 from scnet.config import to_dict
-from scnet.utils.files import report_file_errors
+from scnet.utils.files import report_file_errors, save_file
 from scnet.weights import (
     convert_mmdet_state_dict,
     extract_state_dict,
@@ -51,9 +49,7 @@ def main():
     model.load_state_dict(state, strict=True)
     meta = raw.get("meta", {}) if isinstance(raw, dict) else {}
     checkpoint = {"model": state, "config": to_dict(cfg), "source": args.input, "mmdet_meta": meta}
-    tmp = args.output + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, args.output)  # never leave a half-written file under the final name
+    save_file(checkpoint, args.output)  # never a half-written file under the final name
     values = sum(v.numel() for v in state.values() if v.is_floating_point())
     print(f"{args.input}: {len(official)} keys converted -> {args.output} ({values:,} values)")
 

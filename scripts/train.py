@@ -6,8 +6,9 @@
 Plain torch.distributed: torchrun's environment variables, NCCL on GPU and gloo on CPU, one process
 per GPU, SGD with the official schedule (lr 0.02 per 16 images, scaled linearly; warm-up; steps).
 Checkpoints go to ``--output-dir`` every ``train.checkpoint_period`` iterations and at the end of every
-epoch; ``--resume auto`` continues from the newest valid one, mid-epoch included. The trained weights
-alone are written to ``model_final.pth`` at the end.
+epoch; ``--resume auto`` continues from the newest valid one, mid-epoch included. SIGTERM or SIGUSR1
+(``train.stop_signals``) writes a checkpoint at the next iteration and exits with 128 + the signal's
+number. The trained weights alone are written to ``model_final.pth`` at the end.
 
 ``main`` reads top to bottom: ``set_up``, then ``train`` (the loop), then the final weights.
 """
@@ -30,6 +31,7 @@ from scnet.engine import dist
 from scnet.engine.checkpoint import all_finite, list_checkpoints, resolve_resume, save_checkpoint
 from scnet.engine.compile import compile_dense_parts
 from scnet.engine.logger import TrainLogger
+from scnet.engine.preemption import StopRequested, StopSignals, parse_signals
 from scnet.engine.train import (
     NonFiniteError,
     TrainState,
@@ -42,7 +44,7 @@ from scnet.engine.train import (
     weights_digest,
 )
 from scnet.modeling.backbone.resnet import load_pretrained
-from scnet.utils.files import report_file_errors
+from scnet.utils.files import FileError, report_file_errors, save_file
 from scnet.utils.malloc import keep_freed_memory
 
 
@@ -78,12 +80,19 @@ def main():
     run, state, dataset = set_up(args)
     try:
         load_issues = train(run, state)
-    except NonFiniteError as e:
+    except FileError:  # a checkpoint that cannot be written: report_file_errors prints it after the bar
+        run.logger.close()
+        raise
+    except (NonFiniteError, StopRequested) as e:
         newest = list_checkpoints(run.output_dir)
-        run.logger.info(f"ERROR: {e}. Newest good checkpoint: {newest[0] if newest else 'none'}")
+        newest = newest[0] if newest else "none"
+        if isinstance(e, StopRequested):
+            run.logger.info(f"{e}: checkpoint {newest}; continue with --resume auto")
+        else:
+            run.logger.info(f"ERROR: {e}. Newest good checkpoint: {newest}")
         run.logger.close()
         dist.cleanup()
-        sys.exit(1)
+        sys.exit(getattr(e, "exit_code", 1))
     save_final_weights(run, state)
     run.logger.close()
     if dist.is_main_process():
@@ -113,9 +122,8 @@ def set_up(args):
     dataset = build_train_dataset(cfg)
     report_skipped(dataset, log)
     world, rank = dist.get_world_size(), dist.get_rank()
-    loader = build_train_loader(
-        dataset, cfg.solver.images_per_gpu, world, rank, cfg.seed, cfg.data.flip_prob, cfg.data.num_workers
-    )
+    loader = build_train_loader(dataset, cfg.solver.images_per_gpu, world, rank, cfg.seed, cfg.data.flip_prob,
+                                cfg.data.num_workers, worker_ignored_signals=parse_signals(cfg.train.stop_signals))
     params = [p for p in model.parameters() if p.requires_grad]  # weight decay on all of them [impl 24.29]
     base_lr = scaled_base_lr(cfg.solver, world)
     optimizer = torch.optim.SGD(params, lr=base_lr, momentum=cfg.solver.momentum, weight_decay=cfg.solver.weight_decay)
@@ -158,37 +166,48 @@ def set_up(args):
 def train(run, state):
     """From ``state`` to ``run.total_iters``: for each batch, one SGD step at the scheduled learning rate
     and a log record; a checkpoint every ``train.checkpoint_period`` iterations, at the end of every epoch
-    and at the end. Returns the number of problems met while loading images."""
-    solver, period = run.cfg.solver, run.cfg.train.checkpoint_period
-    iters_per_epoch = len(run.loader.batch_sampler)
+    and at the end, and when a stop signal arrives (scnet/engine/preemption.py). Returns the number of
+    problems met while loading images."""
     load_issues = 0
     run.model.train()
-    while state.iteration < run.total_iters and state.epoch < solver.epochs:
-        run.loader.batch_sampler.set_epoch(state.epoch, state.batch_in_epoch)  # the rest of this epoch
-        end = time.time()
-        for images, targets in run.loader:
-            data_time = time.time() - end
-            lr = set_learning_rate(run.optimizer, state, solver, run.base_lr)
-            state.load_issues += [issue for t in targets for issue in t.get("issues", [])]
-            losses, state.last_step_finite = train_step(
-                run.model, run.optimizer, run.scaler, images, targets, solver, run.device
-            )
-            if not state.last_step_finite:
-                count_nonfinite_step(state, losses, targets, run.cfg.train.max_nonfinite_steps, run.logger)
-            state.iteration += 1
-            state.batch_in_epoch += 1
-            losses = dist.reduce_dict(losses)
-            run.logger.record(state.iteration, state.epoch, losses, lr, time.time() - end, data_time, run.device)
-            if state.batch_in_epoch == iters_per_epoch:  # a checkpoint from here resumes with the next epoch
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            if (period and state.iteration % period == 0) or state.batch_in_epoch == 0 or \
-                    state.iteration == run.total_iters:
-                save_checkpoint_if_good(run, state)
-            if state.iteration == run.total_iters:
-                break
-            end = time.time()
-        load_issues += report_load_issues(state, run.logger)
+    with StopSignals(parse_signals(run.cfg.train.stop_signals)) as stop:
+        while state.iteration < run.total_iters and state.epoch < run.cfg.solver.epochs:
+            load_issues += train_epoch(run, state, stop)
     return load_issues
+
+
+def train_epoch(run, state, stop):
+    """The rest of the current epoch (or up to ``run.total_iters``). Returns the number of problems met
+    while loading images; raises StopRequested, after the checkpoint, when a stop signal arrived."""
+    solver, period = run.cfg.solver, run.cfg.train.checkpoint_period
+    iters_per_epoch = len(run.loader.batch_sampler)
+    run.loader.batch_sampler.set_epoch(state.epoch, state.batch_in_epoch)  # the rest of this epoch
+    end = time.time()
+    for images, targets in run.loader:
+        data_time = time.time() - end
+        lr = set_learning_rate(run.optimizer, state, solver, run.base_lr)
+        state.load_issues += [issue for t in targets for issue in t.get("issues", [])]
+        losses, state.last_step_finite = train_step(
+            run.model, run.optimizer, run.scaler, images, targets, solver, run.device
+        )
+        if not state.last_step_finite:
+            count_nonfinite_step(state, losses, targets, run.cfg.train.max_nonfinite_steps, run.logger)
+        state.iteration += 1
+        state.batch_in_epoch += 1
+        losses = dist.reduce_dict(losses)
+        run.logger.record(state.iteration, state.epoch, losses, lr, time.time() - end, data_time, run.device)
+        if state.batch_in_epoch == iters_per_epoch:  # a checkpoint from here resumes with the next epoch
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        stop_signal = stop.agreed(run.device)  # collective: every process stops at this iteration
+        if stop_signal or (period and state.iteration % period == 0) or state.batch_in_epoch == 0 or \
+                state.iteration == run.total_iters:
+            save_checkpoint_if_good(run, state)
+        if stop_signal:
+            raise StopRequested(stop_signal.name, state.iteration, 128 + stop_signal)
+        if state.iteration == run.total_iters:
+            break
+        end = time.time()
+    return report_load_issues(state, run.logger)
 
 
 def save_final_weights(run, state):
@@ -196,8 +215,7 @@ def save_final_weights(run, state):
     weight digest in the log (they must be equal)."""
     if dist.is_main_process():
         final = os.path.join(run.output_dir, "model_final.pth")
-        torch.save({"model": run.module.state_dict(), "config": to_dict(run.cfg)}, final + ".tmp")
-        os.replace(final + ".tmp", final)
+        save_file({"model": run.module.state_dict(), "config": to_dict(run.cfg)}, final)
         print(f"final weights -> {final}")
     digests = dist.all_gather_object(weights_digest(run.module))
     run.logger.write_json({"iteration": state.iteration, "weights_sha1": digests})
@@ -213,9 +231,15 @@ def save_checkpoint_if_good(run, state):
     if not dist.all_true(all_finite(run.module.state_dict()), run.device):  # collective: no hang
         raise NonFiniteError(f"NaN/Inf weights at iteration {state.iteration}: not saved")
     checkpoint = checkpoint_state(run.module, run.optimizer, run.scaler, state, run.cfg)
+    error = None
     if dist.is_main_process():
-        run.logger.info(f"checkpoint -> {save_checkpoint(checkpoint, run.output_dir, run.cfg.train.keep_checkpoints)}")
-    dist.barrier()
+        try:
+            path = save_checkpoint(checkpoint, run.output_dir, run.cfg.train.keep_checkpoints)
+            run.logger.info(f"checkpoint -> {path}")
+        except FileError as e:  # a full disk: every process stops (one waiting in a barrier would hang)
+            error = e
+    if not dist.all_true(error is None, run.device):
+        raise error or FileError("the main process could not write the checkpoint (see its message)")
 
 
 def report_skipped(dataset, log):

@@ -1,6 +1,7 @@
 """scripts/train.py end to end on generated data: resume after a kill, DDP with torchrun, bad data, NaN guard."""
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -61,6 +62,20 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _children(pid):
+    """The processes whose parent is ``pid`` (torchrun's workers), from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the (command name)
+            children.append(int(entry))
+    return children
 
 
 def _torchrun(*args):
@@ -132,6 +147,47 @@ def test_ddp_two_processes_match_one_process_with_the_same_total_batch(dataset_d
     # normalisers differ between one batch of 2 and two batches of 1
     for it in a:
         assert b[it] == pytest.approx(a[it], rel=0.03), (it, a[it], b[it])
+
+
+@pytest.mark.parametrize("sig, workers", [(signal.SIGTERM, 0), (signal.SIGUSR1, 1)])
+def test_stop_signal_checkpoints_and_the_resumed_ddp_run_is_identical(dataset_dir, tmp_path, sig, workers):
+    """Pre-emption: the signal reaches the processes of a 2-process gloo run at a random iteration; they
+    finish the iteration, one checkpoint is written, the run exits, and the resumed run ends with the
+    uninterrupted run's weights. A data-loader worker (the second case) survives the signal."""
+    args = _overrides(dataset_dir, "solver.epochs=2", "solver.images_per_gpu=1", f"data.num_workers={workers}")
+    launcher = _torchrun("--standalone", "--nproc_per_node", "2")
+    full = _run(args, tmp_path / "full", launcher=launcher)
+    assert full.returncode == 0, full.stderr[-3000:]
+    expected = _final_weights(tmp_path / "full")
+
+    out = tmp_path / "stopped"
+    stop_after = random.Random(int(sig)).randint(1, expected["iteration"] - 2)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([*launcher, TRAIN, "--output-dir", str(out), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(out / "log.jsonl") and sum("loss" in r for r in _log(out)) >= stop_after:
+            break
+        time.sleep(0.02)
+    # SIGTERM to torchrun and the workers (as a scheduler ends a job; torchrun forwards it too); SIGUSR1
+    # to the workers only (torchrun itself does not handle it)
+    for pid in _children(proc.pid) + ([proc.pid] if sig == signal.SIGTERM else []):
+        os.kill(pid, sig)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode != 0  # the job did not finish: a script's next step must not run
+    stopped = [line for line in output.splitlines() if f"stopped by {sig.name} after iteration" in line]
+    assert len(stopped) == 1 and "continue with --resume auto" in stopped[0], output[-3000:]
+    iteration = int(re.search(r"after iteration (\d+)", stopped[0]).group(1))
+    assert stop_after <= iteration < expected["iteration"]
+    assert _final_weights(out)["iteration"] == iteration and not os.path.exists(out / "model_final.pth")
+
+    resumed = _run(["--resume", "auto", *args], out, launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = _final_weights(out)
+    assert result["iteration"] == expected["iteration"]
+    for key in expected["model"]:
+        assert torch.equal(expected["model"][key], result["model"][key]), key
 
 
 def _dataset_with_an_empty_image(root):

@@ -1,8 +1,13 @@
-"""Weights and checkpoint files never run code (scnet/utils/files.py): a pickle whose unpickling would write
-a marker file goes through every path that reads one, and each stops with one line naming the file,
-while the files this codebase and MMDetection write still load."""
+"""Files in and out (scnet/utils/files.py): weights and checkpoint files never run code (a pickle whose
+unpickling would write a marker file goes through every path that reads one, and each stops with one
+line naming the file, while the files this codebase and MMDetection write still load); a write that
+fails (full disk) says what and where, leaves no partial file and never touches the previous one."""
+import errno
 import os
 import pickle
+import resource
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -13,7 +18,7 @@ import torch
 import scnet
 from scnet.data.synthetic import make_synthetic_coco
 from scnet.engine.checkpoint import load_checkpoint, resolve_resume
-from scnet.utils.files import FileError, UnsafeFileError, load_file
+from scnet.utils.files import FileError, UnsafeFileError, load_file, save_file
 
 from conftest import ROOT, TINY, tiny_model
 
@@ -175,3 +180,59 @@ def test_damaged_files_are_named(tmp_path, content, expected):
         load_file(path)
     with pytest.raises(FileError, match="no such file"):
         load_file(tmp_path / "missing.pth")
+
+
+def test_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    """A disk that fills up during torch.save (torch reports it as a RuntimeError): one line naming the
+    file and the cause; the previous file intact; no .tmp left."""
+    path = tmp_path / "checkpoint_00000002.pth"
+    save_file({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def fills_the_disk(obj, f):
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 3576384 vs 3576272")
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
+    with pytest.raises(FileError, match=rf"cannot write {path}: the disk is full \(0 bytes free in {tmp_path}\)"):
+        save_file({"w": torch.zeros(3)}, path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
+
+    def no_space(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(FileError, match="the disk is full"):
+        save_file({}, tmp_path / "other.pth")
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def _limit_file_size(limit):
+    def apply():  # in the child: writes past ``limit`` bytes fail (EFBIG) instead of raising SIGXFSZ
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_training_stops_with_one_line_when_a_checkpoint_cannot_be_written(tmp_path, data_root):
+    """train.py whose files may not grow past 1 MB (a checkpoint is ~4 MB): the checkpoint of iteration 2
+    fails; the message names it, the checkpoint of iteration 1 is untouched, and a resume continues."""
+    out = tmp_path / "run"
+    args = ["--output-dir", str(out), *TINY, *_data(data_root)[:-1], "solver.images_per_gpu=1",
+            "train.checkpoint_period=1"]
+    first = _script("train.py", *args, "solver.max_iters=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    good = (out / "checkpoint_00000001.pth").read_bytes()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--resume", "auto", *args, "solver.max_iters=2"]
+    full = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, preexec_fn=_limit_file_size(1 << 20))
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert lines[-1].startswith(f"error: cannot write {out / 'checkpoint_00000002.pth'}: "), lines[-3:]
+    assert lines[-1].endswith("; nothing was replaced")
+    assert (out / "checkpoint_00000001.pth").read_bytes() == good
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    resumed = _script("train.py", "--resume", "auto", *args, "solver.max_iters=2")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    assert load_checkpoint(str(out / "checkpoint_00000002.pth"))["iteration"] == 2

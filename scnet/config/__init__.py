@@ -62,6 +62,8 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest N kept (the newest finite one is never deleted)
     max_nonfinite_steps: int = 10  # skipped non-finite steps tolerated before the run stops
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower; for exact resume on GPU)
+    # signals that stop the run with a checkpoint at the next iteration boundary (scnet/engine/preemption.py)
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass

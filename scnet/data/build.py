@@ -4,7 +4,9 @@ All the randomness of the data order lives in ``GroupedBatchSampler`` and depend
 epoch): which images form a batch, which process gets it and which images are flipped. A run resumed
 in the middle of an epoch therefore sees exactly the batches the uninterrupted run would have seen.
 """
+import functools
 import os
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -80,7 +82,10 @@ def collate(batch):
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
-def build_train_loader(dataset, batch_size, num_replicas=1, rank=0, seed=0, flip_prob=0.5, num_workers=2):
+def build_train_loader(dataset, batch_size, num_replicas=1, rank=0, seed=0, flip_prob=0.5, num_workers=2,
+                       worker_ignored_signals=()):
+    """The training DataLoader. ``worker_ignored_signals``: signals its workers ignore (the main process
+    handles them, scnet/engine/preemption.py, and ends the workers itself)."""
     sampler = GroupedBatchSampler(dataset.aspect_groups, batch_size, num_replicas, rank, seed, flip_prob)
     # A private generator: creating the loader's iterator must not consume the global RNG, which the
     # RoI sampling uses and a resumed run restores (otherwise a resumed run would diverge).
@@ -92,7 +97,13 @@ def build_train_loader(dataset, batch_size, num_replicas=1, rank=0, seed=0, flip
         num_workers=num_workers,
         generator=generator,
         persistent_workers=False,
+        worker_init_fn=functools.partial(_ignore_signals, tuple(worker_ignored_signals)),
     )
+
+
+def _ignore_signals(numbers, worker_id):
+    for number in numbers:
+        signal.signal(number, signal.SIG_IGN)
 
 
 def build_train_dataset(cfg):

@@ -11,7 +11,7 @@ import subprocess
 import torch
 
 import scnet
-from ..utils.files import FileError, load_file
+from ..utils.files import FileError, load_file, save_file
 
 NAME = "checkpoint_{:08d}.pth"
 PATTERN = re.compile(r"checkpoint_(\d{8})\.pth$")
@@ -40,12 +40,7 @@ def save_checkpoint(state, output_dir, keep=3):
     if not all_finite(state["model"]):
         raise FloatingPointError("refusing to save a checkpoint with NaN/Inf weights")
     path = os.path.join(output_dir, NAME.format(state["iteration"]))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    save_file(state, path)  # FileError naming the file on a full disk; no partial file left
     for old in list_checkpoints(output_dir)[max(keep, 1) :]:
         os.remove(old)
     return path

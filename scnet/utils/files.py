@@ -13,9 +13,12 @@ Allowed beyond torch's own list:
   ``torch.torch_version.TorchVersion``, read as inert stand-ins: their data is kept, none of their code
   is imported or run.
 """
+import contextlib
+import errno
 import os
 import pickletools
 import re
+import shutil
 import sys
 import urllib.parse
 import zipfile
@@ -145,6 +148,40 @@ def _legacy_globals(path, max_pickles=5):
     except Exception:  # noqa: BLE001 - the end of the pickles, or not a pickle
         pass
     return [name for name in dict.fromkeys(found) if name not in allowed and not name.startswith(("torch.", "collections."))]
+
+
+def save_file(obj, path):
+    """``torch.save`` through ``path.tmp``, synced, then renamed: ``path`` is the old file or the whole new
+    one, never a part. A failed write (full disk, no permission) removes the temporary file and raises a
+    FileError that says what and where; the file that was there stays untouched."""
+    path = str(path)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as a RuntimeError
+        reason = _write_failure(e, path)  # before the removal frees the space again
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise FileError(f"cannot write {path}: {reason}; nothing was replaced") from None
+
+
+def _write_failure(error, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < (64 << 20)):
+        return f"the disk is full ({free or 0:,} bytes free in {folder})" if free is not None else "the disk is full"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if "unexpected pos" in str(error):  # torch's zip writer, when a write returned short
+        return "the write stopped short (a full disk, a quota or a file-size limit)"
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
 
 
 def _download(url):
