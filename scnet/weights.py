@@ -7,7 +7,9 @@ error that names the key. Nothing is skipped silently.
 """
 import re
 
-from .utils.files import load_file
+import torch
+
+from .utils.files import FileError, load_file
 
 # (official name pattern, our name). Applied in order; the first full match wins.
 MMDET_RULES = [
@@ -95,6 +97,14 @@ def read_checkpoint(path_or_url):
     return load_file(path_or_url)
 
 
+def check_finite(state_dict, source):
+    """FileError naming the tensors of ``state_dict`` that hold NaN or Inf."""
+    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise FileError(f"{source}: NaN/Inf values in {', '.join(bad[:3])}{more}")
+
+
 def extract_state_dict(obj):
     """Our checkpoints keep the weights under ``model``, MMDetection's under ``state_dict``."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -105,8 +115,10 @@ def extract_state_dict(obj):
 
 
 def load_weights(model, path_or_url):
-    """Load our checkpoint or an official MMDetection one into ``model`` (strict)."""
+    """Load our checkpoint or an official MMDetection one into ``model`` (strict); NaN/Inf values are
+    an error naming the tensors."""
     state = extract_state_dict(read_checkpoint(path_or_url))
+    check_finite(state, path_or_url)
     if is_mmdet_state_dict(state):
         try:
             state = convert_mmdet_state_dict(state, model.state_dict())

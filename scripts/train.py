@@ -44,7 +44,7 @@ from scnet.engine.train import (
     weights_digest,
 )
 from scnet.modeling.backbone.resnet import load_pretrained
-from scnet.utils.files import FileError, report_file_errors, save_file
+from scnet.utils.files import FileError, FolderLock, report_file_errors, save_file
 from scnet.utils.malloc import keep_freed_memory
 
 
@@ -73,6 +73,7 @@ class Run(NamedTuple):
     logger: TrainLogger
     base_lr: float
     total_iters: int
+    lock: object  # the output folder's FolderLock (main process), held until the process ends
 
 
 def main():
@@ -109,8 +110,10 @@ def set_up(args):
     cfg = get_cfg(args.cfg, args.overrides)
     log = print if dist.is_main_process() else (lambda *a: None)
     output_dir = args.output_dir or os.path.join("output", os.path.splitext(os.path.basename(args.cfg or "default"))[0])
+    lock = None
     if dist.is_main_process():
         os.makedirs(output_dir, exist_ok=True)
+        lock = FolderLock(output_dir)  # one run per output folder, until this process ends
         dump(cfg, os.path.join(output_dir, "config.yaml"))
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -159,7 +162,7 @@ def set_up(args):
     log(f"{len(dataset)} images, {world} process(es) x {cfg.solver.images_per_gpu} images, "
         f"{iters_per_epoch} iterations/epoch, {total_iters} in total, base lr {base_lr:g}")
     logger = TrainLogger(output_dir, total_iters, state.iteration, cfg.train.log_period, dist.is_main_process())
-    run = Run(cfg, device, output_dir, wrapped, model, optimizer, scaler, loader, logger, base_lr, total_iters)
+    run = Run(cfg, device, output_dir, wrapped, model, optimizer, scaler, loader, logger, base_lr, total_iters, lock)
     return run, state, dataset
 
 

@@ -257,6 +257,9 @@ def test_nan_guard_skips_non_finite_steps_then_stops_with_the_last_good_checkpoi
     newest = load_checkpoint(kept[0])  # readable and finite
     assert newest["train_state"]["nonfinite_steps"] == 0  # written before the first skipped step
     assert f"Newest good checkpoint: {kept[0]}" in result.stdout
+    # warnings number iterations as the log and the checkpoint names do (from 1)
+    warned = [int(n) for n in re.findall(r"non-finite loss at iteration (\d+)", result.stdout)]
+    assert warned and warned[0] == newest["iteration"] + 1
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

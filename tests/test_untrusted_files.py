@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -236,3 +237,41 @@ def test_training_stops_with_one_line_when_a_checkpoint_cannot_be_written(tmp_pa
     resumed = _script("train.py", "--resume", "auto", *args, "solver.max_iters=2")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
     assert load_checkpoint(str(out / "checkpoint_00000002.pth"))["iteration"] == 2
+
+
+def test_one_run_per_output_folder_and_the_lock_dies_with_its_run(tmp_path, data_root):
+    out = tmp_path / "run"
+    args = ["--output-dir", str(out), *TINY, *_data(data_root)[:-1], "solver.epochs=50", "train.log_period=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py"), *args], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.jsonl").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        config = (out / "config.yaml").read_text()
+        second = _script("train.py", *args, "solver.base_lr=0.5")
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+        message = second.stderr.strip().splitlines()[-1]
+        assert message.startswith(f"error: {out} is the output folder of a run that is still going (pid {first.pid} ")
+        assert (out / "config.yaml").read_text() == config  # the second run wrote nothing
+    finally:
+        first.kill()  # SIGKILL: no clean-up code runs
+        first.wait()
+    third = _script("train.py", "--resume", "auto", *args, "solver.max_iters=1")
+    assert third.returncode == 0, third.stderr[-2000:]
+
+
+def test_non_finite_weights_are_named_at_load(tmp_path, data_root):
+    state = tiny_model().state_dict()
+    key = next(k for k in state if k.startswith("roi_heads.box_heads.2.") and k.endswith("weight"))
+    state[key].view(-1)[3] = float("nan")
+    path = tmp_path / "diverged.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(FileError, match=rf"{path}: NaN/Inf values in {key}$"):
+        scnet.build_model(None, overrides=TINY, weights=str(path))
+    result = _script("eval.py", "--weights", str(path), *TINY, *_data(data_root))
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == f"error: {path}: NaN/Inf values in {key}"
+    torch.save({"model": state, "optimizer": {}, "epoch": 0, "iteration": 1, "batch_in_epoch": 1, "config": {}}, path)
+    with pytest.raises(FileError, match=rf"{path}: NaN/Inf values in {key}$"):
+        load_checkpoint(str(path))

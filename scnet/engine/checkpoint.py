@@ -12,6 +12,7 @@ import torch
 
 import scnet
 from ..utils.files import FileError, load_file, save_file
+from ..weights import check_finite
 
 NAME = "checkpoint_{:08d}.pth"
 PATTERN = re.compile(r"checkpoint_(\d{8})\.pth$")
@@ -58,8 +59,7 @@ def load_checkpoint(path):
     missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise FileError(f"{path} is not a training checkpoint (missing {missing})")
-    if not all_finite(state["model"]):
-        raise FileError(f"{path} holds NaN/Inf weights")
+    check_finite(state["model"], path)
     return state
 
 

@@ -132,12 +132,19 @@ def train_step(model, optimizer, scaler, images, targets, solver, device):
 
 def count_nonfinite_step(state, losses, targets, max_steps, logger):
     """Log what went wrong (image ids of every process's batch, the loss terms) and count the skipped
-    step (collective). Raises NonFiniteError after ``max_steps`` of them."""
+    step (collective). Raises NonFiniteError after ``max_steps`` of them. Called before the iteration
+    counter advances: the iteration it names is ``state.iteration + 1``, numbered from 1 as in the log
+    and the checkpoint names.
+
+    What the guard keeps: no checkpoint is written right after a skipped step and none with NaN/Inf
+    weights, so the newest checkpoint is the newest finite one. Finite is not healthy: a run whose loss
+    explodes (a learning rate far too high) has finite, already diverged weights for a while before the
+    first NaN. ``train.keep_checkpoints`` older ones stay; resume from one of those with a lower rate."""
     state.nonfinite_steps += 1
     image_ids = sum(dist.all_gather_object([t.get("image_id") for t in targets]), [])
     terms = {k: float(v) for k, v in losses.items()}
     logger.info(
-        f"WARNING: non-finite loss at iteration {state.iteration} (step skipped, {state.nonfinite_steps}/"
+        f"WARNING: non-finite loss at iteration {state.iteration + 1} (step skipped, {state.nonfinite_steps}/"
         f"{max_steps} allowed); image ids {image_ids}; loss terms {terms}"
     )
     if state.nonfinite_steps > max_steps:

@@ -15,11 +15,14 @@ Allowed beyond torch's own list:
 """
 import contextlib
 import errno
+import fcntl
 import os
 import pickletools
 import re
 import shutil
+import socket
 import sys
+import time
 import urllib.parse
 import zipfile
 
@@ -71,7 +74,8 @@ def _allowed():
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
     allowed = [np.ndarray, np.dtype, type(np.dtype("float64")), type(np.dtype("int64")), type(np.dtype("uint32"))]
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed += [_alias(multiarray._reconstruct, module, "_reconstruct"), _alias(multiarray.scalar, module, "scalar")]
+        allowed += [_alias(multiarray._reconstruct, module, "_reconstruct"),
+                    _alias(multiarray.scalar, module, "scalar")]
     allowed += [_stand_in("mmengine.logging.history_buffer", "HistoryBuffer"),
                 _stand_in("torch.torch_version", "TorchVersion")]
     return allowed
@@ -147,7 +151,8 @@ def _legacy_globals(path, max_pickles=5):
                         found.append(f"{strings[-2]}.{strings[-1]}")
     except Exception:  # noqa: BLE001 - the end of the pickles, or not a pickle
         pass
-    return [name for name in dict.fromkeys(found) if name not in allowed and not name.startswith(("torch.", "collections."))]
+    ours = ("torch.", "collections.")  # tensors and OrderedDicts: what torch's reader accepts anyway
+    return [name for name in dict.fromkeys(found) if name not in allowed and not name.startswith(ours)]
 
 
 def save_file(obj, path):
@@ -182,6 +187,32 @@ def _write_failure(error, path):
     if "unexpected pos" in str(error):  # torch's zip writer, when a write returned short
         return "the write stopped short (a full disk, a quota or a file-size limit)"
     return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``<folder>/.lock``, held while the object lives: a second run into the
+    same output folder stops at start instead of mixing its checkpoints and logs with the first's. The
+    kernel releases the lock when the process ends, however it ends (kill -9 included), so it never
+    outlives its run. On a file system without flock (some network mounts) it warns and does nothing."""
+
+    def __init__(self, folder, log=print):
+        self.path = os.path.join(folder, ".lock")
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise FileError(f"{folder} is the output folder of a run that is still going ({owner}); "
+                            "use another --output-dir, or stop that run first") from None
+        except OSError as e:  # no flock support here
+            log(f"WARNING: cannot lock {self.path} ({e.strerror}): nothing stops a second run into {folder}")
+            return
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
 
 
 def _download(url):
