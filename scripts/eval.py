@@ -29,6 +29,7 @@ from scnet.utils.files import report_file_errors
 from scnet.utils.malloc import keep_freed_memory
 from scnet.evaluation.coco_eval import (
     IOU_TYPES,
+    check_results,
     evaluate,
     format_per_category_table,
     format_summary,
@@ -107,13 +108,20 @@ def run_model(args):
 
 
 def run_results_file(args):
-    with open(args.results) as f:
-        results = json.load(f)
+    try:
+        with open(args.results) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as e:  # missing, unreadable, not JSON (ValueError: JSONDecodeError, bad UTF-8)
+        raise SystemExit(f"error: {args.results}: not a readable JSON file ({e})") from None
     if not isinstance(results, list):
         raise SystemExit(f"error: {args.results} is not a COCO results list")
     coco_gt = load_ground_truth(args.ann)
     # the annotation file's order, as CocoDataset's (so --max-images picks the same images)
     image_ids = [image["id"] for image in coco_gt.dataset["images"]]
+    try:  # every entry well-formed (ids, a finite score, a 4-number box), before any is used
+        check_results(coco_gt, results, image_ids)
+    except ValueError as e:
+        raise SystemExit(f"error: {args.results}: {e}") from None
     if args.max_images:
         image_ids = image_ids[: args.max_images]
         selected = set(image_ids)

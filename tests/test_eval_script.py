@@ -4,6 +4,7 @@ two processes giving the same results, zero detections, --tta."""
 import contextlib
 import io
 import json
+import re
 import os
 import subprocess
 import sys
@@ -83,6 +84,38 @@ def test_results_mode_reproduces_the_metrics(setup, model_run):
     metrics, again = _load(out / "metrics.json"), _load(root / "again" / "metrics.json")
     assert again["bbox"] == metrics["bbox"] and again["segm"] == metrics["segm"]
     assert _summary(proc)["bbox_AP"] == metrics["bbox"]["AP"]
+
+
+BAD_RESULTS = [  # (how entry 1 of the model's results is spoiled, the message's end)
+    (lambda r: r.update(score=float("nan")), r"entry 1 \(.*\): 'score' must be a finite number, got nan"),
+    (lambda r: r.update(bbox=r["bbox"][:2]), r"entry 1 \(.*\): 'bbox' must be \[x, y, width, height\]"),
+    (lambda r: r.update(image_id="7"), r"entry 1 \(.*\): 'image_id' must be an integer, got '7'"),
+    (lambda r: r.update(segmentation={"counts": "x"}), r"entry 1 \(.*\): 'segmentation' must be an RLE"),
+    (lambda r: r.update(category_id=1000), r"results with category ids \[1000\]"),
+]
+
+
+@pytest.mark.parametrize("spoil, expected", BAD_RESULTS, ids=["nan_score", "two_number_box", "string_id", "rle",
+                                                             "unknown_category"])
+def test_results_mode_names_the_first_bad_entry_and_the_file(setup, model_run, spoil, expected):
+    root, ann, _, _ = setup
+    results = _load(model_run[0] / "results.json")
+    spoil(results[1])
+    path = root / "bad_results.json"
+    path.write_text(json.dumps(results))
+    proc = subprocess.run([sys.executable, EVAL, "--results", str(path), "--ann", ann], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.fullmatch(rf"error: {path}: {expected}.*", proc.stderr.strip().splitlines()[-1]), proc.stderr[-500:]
+
+
+def test_results_mode_names_a_file_that_is_not_json(setup, tmp_path):
+    _, ann, _, _ = setup
+    path = tmp_path / "results.json"
+    path.write_text('[{"image_id": 1,')  # cut short
+    proc = subprocess.run([sys.executable, EVAL, "--results", str(path), "--ann", ann], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith(f"error: {path}: not a readable JSON file")
 
 
 def test_two_processes_give_the_same_results(setup, model_run):

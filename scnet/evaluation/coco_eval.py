@@ -16,6 +16,7 @@ truth in the evaluated images.
 import contextlib
 import io
 import json
+import math
 import warnings
 
 import numpy as np
@@ -136,7 +137,12 @@ def evaluate(coco_gt, results, iou_types=IOU_TYPES, image_ids=None):
 
 
 def check_results(coco_gt, results, image_ids):
-    """Stop with a clear message when results or image ids do not belong to this ground truth."""
+    """Stop with a clear message when an entry is malformed, or results or image ids do not belong to
+    this ground truth."""
+    for index, entry in enumerate(results):
+        problem = _entry_problem(entry)
+        if problem:
+            raise ValueError(f"entry {index} ({_short(entry)}): {problem}")
     known_images = set(coco_gt.getImgIds())
     unknown = sorted(set(image_ids) - known_images)
     if unknown:
@@ -151,6 +157,38 @@ def check_results(coco_gt, results, image_ids):
         raise ValueError(f"results with category ids {unknown[:10]} that are not among the ground truth's "
                          f"{sorted(known_categories)[:10]}...: results must use the original COCO ids "
                          "(category_ids[label]), not contiguous labels")
+
+
+def _entry_problem(entry):
+    """What is wrong with one result entry, or None: integer ids, a finite score, a box of four finite
+    numbers with non-negative width and height, and an RLE or polygon segmentation if any."""
+    if not isinstance(entry, dict):
+        return f"a {type(entry).__name__}, not an object"
+    for key in ("image_id", "category_id"):
+        if not isinstance(entry.get(key), int) or isinstance(entry.get(key), bool):
+            return f"'{key}' must be an integer, got {entry.get(key)!r}"
+    if not _finite_number(entry.get("score")):
+        return f"'score' must be a finite number, got {entry.get('score')!r}"
+    box = entry.get("bbox")
+    if box is not None and not (isinstance(box, list) and len(box) == 4 and all(map(_finite_number, box))
+                                and box[2] >= 0 and box[3] >= 0):
+        return f"'bbox' must be [x, y, width, height], four finite numbers with width, height >= 0, got {box!r}"
+    mask = entry.get("segmentation")
+    if mask is not None and not (isinstance(mask, dict) and {"size", "counts"} <= set(mask)) and \
+            not (isinstance(mask, list) and all(isinstance(p, list) and len(p) >= 6 for p in mask)):
+        return "'segmentation' must be an RLE {'size', 'counts'} or a list of polygons"
+    if box is None and mask is None:
+        return "neither 'bbox' nor 'segmentation'"
+    return None
+
+
+def _finite_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(entry, limit=120):
+    text = json.dumps(entry, default=str) if isinstance(entry, (dict, list)) else repr(entry)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _evaluate_one(coco_gt, results, iou_type, image_ids):
