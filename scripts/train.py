@@ -25,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import scnet
-from scnet.config import Config, dump, get_cfg, to_dict
+from scnet.config import Config, dump, flatten, get_cfg, to_dict
 from scnet.data.build import build_train_dataset, build_train_loader
 from scnet.engine import dist
 from scnet.engine.checkpoint import all_finite, list_checkpoints, resolve_resume, save_checkpoint
@@ -134,7 +134,16 @@ def set_up(args):
 
     checkpoint, path = resolve_resume(args.resume, output_dir, log)
     if checkpoint is not None:
-        state = restore_state(checkpoint, model, optimizer, scaler, log)
+        changes = config_changes(checkpoint["config"], to_dict(cfg))
+        try:
+            state = restore_state(checkpoint, model, optimizer, scaler, log)
+        except (RuntimeError, ValueError) as e:  # another model: size mismatches, missing keys
+            model_changes = [c for c in changes if c.startswith("model.")] or ["none found"]
+            raise FileError(f"{path} does not fit this model ({str(e).splitlines()[0][:150]}); model settings that "
+                            f"differ from the checkpoint's: {'; '.join(model_changes[:5])}; resume with its "
+                            "config.yaml or use another --output-dir") from None
+        if changes:
+            log(f"WARNING: resuming with settings that differ from the checkpoint's: {'; '.join(changes[:8])}")
         log(f"resumed from {path}: epoch {state.epoch}, iteration {state.iteration}")
     else:
         random.seed(cfg.seed + rank)
@@ -243,6 +252,13 @@ def save_checkpoint_if_good(run, state):
             error = e
     if not dist.all_true(error is None, run.device):
         raise error or FileError("the main process could not write the checkpoint (see its message)")
+
+
+def config_changes(before, now):
+    """["key=old there, new here", ...] for every setting that differs between two resolved configs."""
+    before, now = flatten(before), flatten(now)
+    keys = [k for k in sorted(set(before) | set(now)) if before.get(k, "absent") != now.get(k, "absent")]
+    return [f"{k}={before.get(k, 'absent')} there, {now.get(k, 'absent')} here" for k in keys]
 
 
 def report_skipped(dataset, log):

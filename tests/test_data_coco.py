@@ -216,6 +216,33 @@ def test_annotation_rules(change, kind):
     assert (problem[0] if problem else None) == kind
 
 
+def test_odd_polygon_and_a_file_listed_twice_are_reported(tmp_path, shapes):
+    """pycocotools would drop an odd polygon's last number, and a file listed under two ids would be
+    trained on twice, both silently: each is now fixed or skipped with its reason."""
+    annotation_file, image_dir, stuff_dir = _paths(shapes)
+    with open(annotation_file) as f:
+        data = json.load(f)
+    first, second = data["images"][:2]
+    odd = next(a for a in data["annotations"] if a["image_id"] == first["id"])
+    x, y, w, h = odd["bbox"]
+    odd["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h, x]]  # 9 numbers
+    twice = dict(first, id=max(i["id"] for i in data["images"]) + 1)
+    data["images"].append(twice)
+    data["annotations"].append(dict(odd, id=10 ** 6, image_id=twice["id"]))
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    dataset = CocoDataset(str(path), image_dir, stuff_dir=stuff_dir)
+    reasons = {}
+    for file, reason in dataset.skipped:
+        reasons.setdefault(reason, []).append(file)
+    odd_reason = next(r for r in reasons if r.startswith("odd-length polygon"))
+    assert reasons[odd_reason] == [first["file_name"]] and "the last one dropped" in odd_reason
+    twice_reason = next(r for r in reasons if r.startswith("image file listed twice"))
+    assert reasons[twice_reason] == [first["file_name"]] and f"entry id {twice['id']}" in twice_reason
+    assert not any("unknown image id" in r for r in reasons)  # its annotations went with the entry
+    assert len(dataset) == len(data["images"]) - 1 and second["file_name"] in [r["file_name"] for r in dataset._records]
+
+
 def test_compressed_rle_is_checked_against_the_image_size():
     mask = np.zeros((20, 30), dtype=np.uint8)
     mask[3:9, 4:20] = 1

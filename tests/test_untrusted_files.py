@@ -275,3 +275,23 @@ def test_non_finite_weights_are_named_at_load(tmp_path, data_root):
     torch.save({"model": state, "optimizer": {}, "epoch": 0, "iteration": 1, "batch_in_epoch": 1, "config": {}}, path)
     with pytest.raises(FileError, match=rf"{path}: NaN/Inf values in {key}$"):
         load_checkpoint(str(path))
+
+
+def test_resume_into_a_run_of_another_model_names_the_settings(tmp_path, data_root):
+    out = tmp_path / "run"
+    args = ["--output-dir", str(out), *TINY, *_data(data_root)]
+    assert _script("train.py", *args).returncode == 0
+    other = _script("train.py", "--resume", "auto", *args, "model.fpn.out_channels=8")
+    lines = other.stderr.strip().splitlines()
+    assert other.returncode == 1 and "Traceback" not in other.stderr, other.stderr[-2000:]
+    assert lines[-1].startswith(f"error: {out / 'checkpoint_00000001.pth'} does not fit this model (")
+    assert "model.fpn.out_channels=16 there, 8 here" in lines[-1] and len(lines[-1]) < 800
+
+
+def test_train_reports_a_dataset_error_in_one_line(tmp_path, data_root):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [], "annotations": [], "categories": "none"}')
+    result = _script("train.py", "--output-dir", str(tmp_path / "out"), *TINY, *_data(data_root),
+                     f"data.train_annotations={broken}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {broken}: ")

@@ -16,6 +16,8 @@ from collections import Counter, namedtuple
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from ..utils.files import FileError
+
 SKIPPED, FIXED, ERROR = "skipped", "used after fix", "error"
 SEMANTIC_SOURCES = ("stuff_maps", "instances", "none")
 IGNORE_LABEL = 255  # COCO-stuff "unlabeled" and the semantic loss's ignore index [impl 16.3]
@@ -23,8 +25,9 @@ GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
-class DataError(ValueError):
-    """A dataset-level problem that stops training (the checker's "error" action)."""
+class DataError(FileError):
+    """A dataset-level problem that stops training (the checker's "error" action); scripts report it in
+    one line (``report_file_errors``)."""
 
 
 class LoadError(Exception):
@@ -249,18 +252,26 @@ CocoIndex = namedtuple("CocoIndex", "records category_ids class_names problems s
 
 
 def _image_entries(images, problems):
-    """image id -> entry, in JSON order; malformed and duplicate entries are recorded and dropped."""
-    entries = {}
+    """image id -> entry, in JSON order; malformed and duplicate entries are recorded and dropped. A
+    file listed a second time (under another id) maps to None: that entry and its annotations are
+    skipped, or the image would be trained on twice."""
+    entries, ids_of_files = {}, {}
     for info in images:
         problem = image_entry_problem(info)
         if problem is None and info["id"] in entries:
             first = entries[info["id"]]["info"]["file_name"]
             problem = ("duplicate image id", f"id {info['id']} already used by {first}")
+        elif problem is None and info["file_name"] in ids_of_files:
+            entries[info["id"]] = None
+            detail = f"already image id {ids_of_files[info['file_name']]}; entry id {info['id']} and its annotations"
+            problems.append(Problem(info["file_name"], "image file listed twice", detail, SKIPPED))
+            continue
         if problem:
             name = info.get("file_name", "?") if isinstance(info, dict) else "?"
             problems.append(Problem(name, *problem, SKIPPED))
             continue
         entries[info["id"]] = {"info": info, "instances": [], "crowd": [], "num_annotations": 0, "num_crowd": 0}
+        ids_of_files[info["file_name"]] = info["id"]
     return entries
 
 
@@ -268,6 +279,8 @@ def _add_annotation(ann, entries, category_to_label, problems, stats):
     """Apply the annotation rules to one annotation and file it under its image (JSON order kept)."""
     ann = ann if isinstance(ann, dict) else {}
     entry = entries.get(ann.get("image_id"))
+    if entry is None and ann.get("image_id") in entries:  # of a file listed twice: reported with its entry
+        return
     if entry is None:
         name = f"<image_id {ann.get('image_id')!r}>"
         problems.append(Problem(name, "unknown image id", f"annotation {ann.get('id')}", SKIPPED))
@@ -280,7 +293,13 @@ def _add_annotation(ann, entries, category_to_label, problems, stats):
     if problem:
         detail = f"annotation {ann.get('id')}{' (crowd)' if crowd else ''}" + (f": {problem[1]}" if problem[1] else "")
         problems.append(Problem(info["file_name"], problem[0], detail, SKIPPED))
-    elif crowd:  # neither ground truth nor ignore region [impl 24.28]; kept for "instances" semantic maps
+        return
+    odd = [len(p) for p in ann["segmentation"] if len(p) % 2] if isinstance(ann["segmentation"], list) else []
+    if odd:  # pycocotools would drop the last number silently; do it here, with a word
+        ann = dict(ann, segmentation=[p[: len(p) - len(p) % 2] for p in ann["segmentation"]])
+        detail = f"annotation {ann.get('id')}: polygons of {odd} numbers, the last one dropped"
+        problems.append(Problem(info["file_name"], "odd-length polygon", detail, FIXED))
+    if crowd:  # neither ground truth nor ignore region [impl 24.28]; kept for "instances" semantic maps
         entry["crowd"].append({"id": ann.get("id"), "segmentation": ann["segmentation"]})
     else:
         entry["instances"].append({
@@ -309,7 +328,7 @@ def index_coco(data, image_dir, stuff_dir=None, semantic_source="none", min_size
     images = _Listing(image_dir)
     stuff_maps = _Listing(stuff_dir) if semantic_source == "stuff_maps" else None
     records = []
-    for entry in entries.values():
+    for entry in filter(None, entries.values()):
         problem = image_problem(entry, training, min_size, images, stuff_maps, keep_empty)
         if problem:
             problems.append(Problem(entry["info"]["file_name"], *problem, SKIPPED))
