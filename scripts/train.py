@@ -44,7 +44,7 @@ from scnet.engine.train import (
     weights_digest,
 )
 from scnet.modeling.backbone.resnet import load_pretrained
-from scnet.utils.files import FileError, FolderLock, report_file_errors, save_file
+from scnet.utils.files import FileError, FolderLock, report_file_errors, save_file, write_failure
 from scnet.utils.malloc import keep_freed_memory
 
 
@@ -112,9 +112,12 @@ def set_up(args):
     output_dir = args.output_dir or os.path.join("output", os.path.splitext(os.path.basename(args.cfg or "default"))[0])
     lock = None
     if dist.is_main_process():
-        os.makedirs(output_dir, exist_ok=True)
-        lock = FolderLock(output_dir)  # one run per output folder, until this process ends
-        dump(cfg, os.path.join(output_dir, "config.yaml"))
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            lock = FolderLock(output_dir)  # one run per output folder, until this process ends
+            dump(cfg, os.path.join(output_dir, "config.yaml"))
+        except OSError as e:  # a full disk, no permission
+            raise FileError(f"cannot write in {output_dir}: {write_failure(e, output_dir)}") from None
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -170,7 +173,10 @@ def set_up(args):
         total_iters = min(total_iters, cfg.solver.max_iters)
     log(f"{len(dataset)} images, {world} process(es) x {cfg.solver.images_per_gpu} images, "
         f"{iters_per_epoch} iterations/epoch, {total_iters} in total, base lr {base_lr:g}")
-    logger = TrainLogger(output_dir, total_iters, state.iteration, cfg.train.log_period, dist.is_main_process())
+    try:
+        logger = TrainLogger(output_dir, total_iters, state.iteration, cfg.train.log_period, dist.is_main_process())
+    except OSError as e:
+        raise FileError(f"cannot write the logs in {output_dir}: {write_failure(e, output_dir)}") from None
     run = Run(cfg, device, output_dir, wrapped, model, optimizer, scaler, loader, logger, base_lr, total_iters, lock)
     return run, state, dataset
 

@@ -295,3 +295,12 @@ def test_train_reports_a_dataset_error_in_one_line(tmp_path, data_root):
                      f"data.train_annotations={broken}")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {broken}: ")
+
+
+def test_a_run_that_cannot_write_its_folder_says_so_in_one_line(tmp_path, data_root):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--output-dir", str(out), *TINY, *_data(data_root)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(1000),
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == f"error: cannot write in {out}: File too large"

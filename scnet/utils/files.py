@@ -168,13 +168,14 @@ def save_file(obj, path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as a RuntimeError
-        reason = _write_failure(e, path)  # before the removal frees the space again
+        reason = write_failure(e, path)  # before the removal frees the space again
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise FileError(f"cannot write {path}: {reason}; nothing was replaced") from None
 
 
-def _write_failure(error, path):
+def write_failure(error, path):
+    """Why writing ``path`` failed, in words (a full disk is said so)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         free = shutil.disk_usage(folder).free
