@@ -3,9 +3,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.boxes import BoxCoder, batched_nms, box_iou
+from ..ops.boxes import BoxCoder, batched_nms
 from .losses import smooth_l1_loss
-from .sampling import assign_by_iou, sample_positive_negative
+from .sampling import assign_boxes, sample_positive_negative
 
 
 class AnchorGenerator(nn.Module):
@@ -168,8 +168,7 @@ class RPN(nn.Module):
             inside = (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] < w) & (anchors[:, 3] < h)
             inside = inside.nonzero().view(-1)  # allowed_border = 0, strict < [impl 24.3]
             gt = gt_boxes[i]
-            iou = box_iou(gt, anchors[inside])
-            assigned = assign_by_iou(iou, *self.assign_args)
+            assigned = assign_boxes(gt, anchors[inside], *self.assign_args)  # bounded memory, any number of GTs
             pos, neg = sample_positive_negative(assigned, self.batch_size_per_image, self.positive_fraction)
             sampled = torch.cat([pos, neg])
             target = torch.zeros_like(sampled, dtype=logits.dtype)

@@ -2,10 +2,14 @@
 
 Assignment convention: -1 ignored, 0 negative, k + 1 matched to GT k.
 """
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from scnet.modeling.sampling import assign_by_iou, sample_positive_negative
+from scnet.modeling.sampling import assign_boxes, assign_by_iou, sample_positive_negative
+from scnet.ops.boxes import box_iou
 
 RPN = (0.7, 0.3, 0.3)  # positive_iou, negative_iou, min_positive_iou
 
@@ -206,3 +210,44 @@ def test_sample_gt_rows_first_when_positives_are_subsampled(seed):
     assert pos.numel() == 16
     is_gt = (pos < g).tolist()
     assert is_gt == sorted(is_gt, reverse=True)
+
+
+@pytest.mark.parametrize("num_gt, max_elements", [(37, 500), (200, 3000), (5, 10 ** 9)])
+def test_chunked_assignment_equals_the_full_matrix(num_gt, max_elements):
+    """Integer boxes on a small grid: many exact IoU ties between GTs, for the max and the claims."""
+    g = torch.Generator().manual_seed(num_gt)
+    def boxes(n):
+        xy = torch.randint(0, 40, (n, 2), generator=g).float()
+        return torch.cat([xy, xy + torch.randint(1, 20, (n, 2), generator=g).float()], dim=1)
+    gt, candidates = boxes(num_gt), boxes(400)
+    gt[1] = gt[0]  # a duplicate GT: identical rows
+    for args in [RPN, (0.5, 0.5, 0.5), (0.7, 0.3, 0.0)]:
+        for low_quality in (True, False):
+            full = assign_by_iou(box_iou(gt, candidates), *args, low_quality=low_quality)
+            chunked = assign_boxes(gt, candidates, *args, low_quality=low_quality, max_elements=max_elements)
+            assert torch.equal(full, chunked), (args, low_quality)
+    assert torch.equal(assign_boxes(gt[:0], candidates, *RPN), torch.zeros(400, dtype=torch.long))
+
+
+def test_assignment_memory_is_bounded_with_a_thousand_boxes():
+    """1,000 GT boxes against all anchors of an 800x1333 image (~270,000): the extra peak memory of the
+    assignment stays under 600 MB (measured: 357 MB; the whole matrix with box_iou's intermediates took
+    9.2 GB, and 3x the time)."""
+    code = """
+import resource, torch
+from scnet.modeling.rpn import AnchorGenerator
+from scnet.modeling.sampling import assign_boxes
+torch.set_num_threads(1)
+generator = AnchorGenerator()
+sizes = [(200, 334), (100, 167), (50, 84), (25, 42), (13, 21)]  # P2-P6 of 800x1333
+anchors = torch.cat([generator.grid_anchors(level, h, w, "cpu") for level, (h, w) in enumerate(sizes)])
+xy = torch.rand(1000, 2, generator=torch.Generator().manual_seed(0)) * torch.tensor([1200.0, 700.0])
+gt = torch.cat([xy, xy + 10 + torch.rand(1000, 2, generator=torch.Generator().manual_seed(1)) * 120], dim=1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assigned = assign_boxes(gt, anchors, 0.7, 0.3, 0.3)
+print(anchors.shape[0], (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, int((assigned > 0).sum()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    num_anchors, extra_mb, positives = (int(v) for v in out.stdout.split())
+    assert num_anchors > 250_000 and positives > 1000
+    assert extra_mb < 600, extra_mb

@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...ops.boxes import BoxCoder, box_iou, multiclass_nms
+from ...ops.boxes import BoxCoder, multiclass_nms
 from ...ops.masks import mask_targets
 from ..poolers import MultiLevelRoIAlign, rois_from_boxes
-from ..sampling import assign_by_iou, sample_positive_negative
+from ..sampling import assign_boxes, sample_positive_negative
 from .box_head import box_loss
 from .mask_head import mask_loss
 from .mask_iou_head import mask_iou_head_loss, mask_scores
@@ -138,7 +138,7 @@ class RoIHeads(nn.Module):
         """Assign at this stage's IoU, prepend the GTs (assigned to themselves), sample 512 [impl 9.4]."""
         gt_boxes, gt_labels = target["boxes"], target["labels"]
         iou = self.stage_ious[stage]
-        assigned = assign_by_iou(box_iou(gt_boxes, proposals), iou, iou, iou)
+        assigned = assign_boxes(gt_boxes, proposals, iou, iou, iou)
         candidates = torch.cat([gt_boxes, proposals])
         gt_self = torch.arange(1, gt_boxes.shape[0] + 1, device=assigned.device)
         assigned = torch.cat([gt_self, assigned])
