@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py                                   # SCNet R-50, CPU, 2 threads, fp32
     python scripts/benchmark.py --configs configs/r50_20e.yaml configs/baselines/cascade_mask_rcnn_semantic_r50_1x.yaml
-    python scripts/benchmark.py --device cuda --dtypes fp32 bf16 --image-size 800 1333 --batch 2 --train-size 800 1333
+    python scripts/benchmark.py --device cuda --dtypes fp32 tf32 bf16 --image-size 800 1333 --batch 2 --train-size 800 1333
     python scripts/benchmark.py --official                        # + the official implementation, same image/weights
 
 Inference: one image (the reference tool's synthetic 800x1216 image when its dumps are found, else a
@@ -53,7 +53,7 @@ OFFICIAL_NAMES = {  # our config -> the official config whose seeded reference w
     "configs/baselines/htc_r50_1x.yaml": "htc_r50_fpn_1x_coco",
     "configs/baselines/ms_rcnn_r50_1x.yaml": "ms-rcnn_r50_fpn_1x_coco",
 }
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--configs", nargs="+", default=["configs/r50_20e.yaml"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the official timing used 2)")
-    p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=sorted(DTYPES), help="fp32 and/or autocast")
+    p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=sorted(DTYPES),
+                   help="fp32, tf32 (CUDA: float32 on the TF32 matrix units), bf16/fp16 (autocast)")
     p.add_argument("--image-size", type=int, nargs=2, default=[800, 1216], metavar=("H", "W"))
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -152,16 +153,31 @@ def summary(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
+@contextlib.contextmanager
 def autocast(device, dtype):
-    if DTYPES[dtype] is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=DTYPES[dtype])
+    """Autocast for bf16/fp16. On CUDA, the TF32 matrix units only for "tf32": "fp32" is strict float32
+    there, which cuDNN's convolutions are not by default (torch.backends.cudnn.allow_tf32)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
+    try:
+        if DTYPES[dtype] is None:
+            yield
+        else:
+            with torch.autocast(torch.device(device).type, dtype=DTYPES[dtype]):
+                yield
+    finally:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def dtype_supported(device, dtype):
-    if DTYPES[dtype] is None:
+    if dtype == "fp32":
         return True
     if torch.device(device).type == "cuda":
+        if dtype == "tf32":
+            return torch.cuda.get_device_capability(torch.device(device))[0] >= 8  # Ampere and later
         return dtype != "bf16" or torch.cuda.is_bf16_supported()
     return dtype == "bf16" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 

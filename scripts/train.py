@@ -212,7 +212,7 @@ def train_epoch(run, state, stop):
             count_nonfinite_step(state, losses, targets, run.cfg.train.max_nonfinite_steps, run.logger)
         state.iteration += 1
         state.batch_in_epoch += 1
-        losses = dist.reduce_dict(losses)
+        losses = dist.reduce_dict(losses, run.device)
         run.logger.record(state.iteration, state.epoch, losses, lr, time.time() - end, data_time, run.device)
         if state.batch_in_epoch == iters_per_epoch:  # a checkpoint from here resumes with the next epoch
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0

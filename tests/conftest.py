@@ -11,6 +11,47 @@ from scnet.config import get_cfg
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device", default="cpu",
+        help="where the tests that take the `device` fixture compute (cpu, cuda, cuda:1). With a device "
+        "other than the CPU only those tests run (the others would repeat the CPU run); without that "
+        "device on the machine they skip, saying so.",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--device") == "cpu":
+        return
+    deselected = [item for item in items if "device" not in item.fixturenames]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if "device" in item.fixturenames]
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The device of ``--device``. On CUDA, TF32 is switched off: the tests compare float32 results."""
+    name = request.config.getoption("--device")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            pytest.skip(f"--device {name}: this machine has no such CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    elif device.type != "cpu":
+        pytest.skip(f"--device {name}: the tests know CPU and CUDA devices")
+    return device
+
+
+@pytest.fixture
+def cuda(device):
+    """The device, for tests that only mean something on a GPU (NCCL, moving weights between devices)."""
+    if device.type != "cuda":
+        pytest.skip("needs a GPU: run with --device cuda")
+    return device
+
+
 # Narrow widths and small proposal counts: the real code paths, in a fraction of a second per step.
 TINY = [
     "model.backbone.base_channels=8",
@@ -44,9 +85,9 @@ def tiny_overrides(path=None, *extra):
     return [o for o in TINY if _has_key(cfg, o.split("=", 1)[0])] + list(extra)
 
 
-def tiny_model(*overrides, seed=0):
+def tiny_model(*overrides, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return scnet.build_model(None, overrides=TINY + list(overrides))
+    return scnet.build_model(None, overrides=TINY + list(overrides)).to(device)
 
 
 def synthetic_sample(height, width, num_objects, seed, num_classes=3, stuff_classes=6):

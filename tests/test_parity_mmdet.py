@@ -112,7 +112,7 @@ def _max_rel(a, b):
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def parity(request):
+def parity(request, device):
     config = request.param
     if not _available(config):
         pytest.skip(f"SCNET_REF_DIR={REF_DIR!r} has no reference dump for {config}: parity NOT checked")
@@ -120,19 +120,19 @@ def parity(request):
     meta = json.load(open(meta_path))
     ref = dict(np.load(npz_path))
     torch.set_num_threads(2)
-    model = scnet.build_model(os.path.join(ROOT, CASES[config]), weights=pth_path).eval()
+    model = scnet.build_model(os.path.join(ROOT, CASES[config]), weights=pth_path).to(device).eval()
     img_meta = meta["img_meta"]
     recorder = Recorder(model)
     with torch.no_grad():
         result = model.inference(
-            torch.from_numpy(ref["input"]),
+            torch.from_numpy(ref["input"]).to(device),
             [tuple(img_meta["img_shape"])],
             [tuple(img_meta["scale_factor"])],
             [tuple(img_meta["ori_shape"])],
         )[0]
     recorder.close()
-    ours = {k: v.numpy() for k, v in recorder.out.items()}
-    return config, ref, ours, result
+    ours = {k: v.cpu().numpy() for k, v in recorder.out.items()}
+    return config, ref, ours, {k: v.cpu() for k, v in result.items()}
 
 
 FEATURES = [f"backbone_c{i}" for i in range(2, 6)] + [f"fpn_p{i}" for i in range(2, 7)]

@@ -31,7 +31,7 @@ def _stem(photo):
 
 
 @pytest.fixture(scope="module", params=PHOTOS)
-def photo(request):
+def photo(request, device):
     stem, image_path = _stem(request.param), os.path.join(SAMPLE, "train2017", request.param + ".jpg")
     if not (REF_DIR and all(os.path.exists(stem + ext) for ext in (".json", ".npz", ".pth"))):
         pytest.skip(f"SCNET_REF_DIR={REF_DIR!r} has no reference dump for {request.param}: parity NOT checked")
@@ -40,7 +40,7 @@ def photo(request):
     meta = json.load(open(stem + ".json"))
     ref = np.load(stem + ".npz")
     torch.set_num_threads(2)
-    model = scnet.build_model(os.path.join(ROOT, "configs/r50_20e.yaml"), weights=stem + ".pth").eval()
+    model = scnet.build_model(os.path.join(ROOT, "configs/r50_20e.yaml"), weights=stem + ".pth").to(device).eval()
     rgb, _ = decode_image(image_path)
     inputs = []
     normalize_and_pad = model.normalize_and_pad
@@ -50,7 +50,7 @@ def photo(request):
         return inputs[-1]
 
     model.normalize_and_pad = recorded
-    result = model([rgb])[0]
+    result = {k: v.cpu() for k, v in model([rgb])[0].items()}
     return meta, ref, rgb, inputs[0], result
 
 
@@ -59,7 +59,7 @@ def test_network_input_is_the_official_one(photo):
     meta, ref, rgb, batch, _ = photo
     assert rgb.shape[:2] != tuple(meta["img_meta"]["img_shape"])  # the resize did run
     assert list(batch.image_sizes[0]) == meta["img_meta"]["img_shape"]
-    np.testing.assert_array_equal(batch.tensor.numpy(), ref["input"])
+    np.testing.assert_array_equal(batch.tensor.cpu().numpy(), ref["input"])
 
 
 def test_detections(photo):

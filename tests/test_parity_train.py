@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import scnet
+import scnet.modeling.sampling as sampling
 from scnet.weights import mmdet_to_ours
 
 REF_DIR = os.environ.get("SCNET_REF_DIR", "")
@@ -51,15 +52,23 @@ def _available():
     return bool(REF_DIR) and all(os.path.exists(os.path.join(CASE, n)) for n in names)
 
 
+def _random_subset_drawn_on_the_cpu(indices, num):
+    """sampling._random_subset with randperm on the CPU generator, as the official run drew it: on a GPU,
+    the same samples (the CUDA generator would draw others)."""
+    if indices.numel() > num:
+        indices = indices[torch.randperm(indices.numel())[:num].to(indices.device)]
+    return indices
+
+
 @pytest.fixture(scope="module")
-def step():
+def step(device):
     if not _available():
         pytest.skip(f"SCNET_REF_DIR={REF_DIR!r} has no training reference in {CASE}: training parity NOT checked")
     official = torch.load(os.path.join(CASE, "official_out.pth"), map_location="cpu", weights_only=False)
     batch = dict(np.load(os.path.join(CASE, "batch.npz")))
     torch.set_num_threads(2)
     cfg = os.path.join(ROOT, "configs", "r50_20e.yaml")
-    model = scnet.build_model(cfg, weights=os.path.join(CASE, "official.pth"), overrides=MMDET_3X)
+    model = scnet.build_model(cfg, weights=os.path.join(CASE, "official.pth"), overrides=MMDET_3X).to(device)
     model.train()
     images, targets = [], []
     for i in range(int(batch["num_images"])):
@@ -71,9 +80,13 @@ def step():
             "semantic_seg": torch.from_numpy(batch[f"sem{i}"]),
         })
     torch.manual_seed(official["seed"])  # train_ref.py seeds right before model.loss
-    losses = model(images, targets)
-    sum(losses.values()).backward()
-    grads = {name: p.grad for name, p in model.state_dict(keep_vars=True).items() if isinstance(p, torch.nn.Parameter)}
+    with pytest.MonkeyPatch.context() as patch:
+        if device.type != "cpu":
+            patch.setattr(sampling, "_random_subset", _random_subset_drawn_on_the_cpu)
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+    losses = {k: v.cpu() for k, v in losses.items()}
+    grads = {name: None if p.grad is None else p.grad.cpu() for name, p in model.state_dict(keep_vars=True).items() if isinstance(p, torch.nn.Parameter)}
     return official, losses, grads
 
 

@@ -8,13 +8,14 @@ from conftest import synthetic_sample, tiny_model
 SCALE = (192, 256)  # the tiny model's test scale, (short, long)
 
 
-def _model():
-    return tiny_model(f"model.input.test_scale=[{SCALE[1]},{SCALE[0]}]", "model.test.score_thresh=0.05").eval()
+def _model(device):
+    return tiny_model(f"model.input.test_scale=[{SCALE[1]},{SCALE[0]}]", "model.test.score_thresh=0.05",
+                      device=device).eval()
 
 
-def test_one_view_without_flip_is_the_plain_model():
+def test_one_view_without_flip_is_the_plain_model(device):
     """One view at the test scale, proposal NMS disabled (IoU 1): exactly the model's own output."""
-    model = _model()
+    model = _model(device)
     image, _ = synthetic_sample(150, 190, 3, seed=1)
     expected = model([image])[0]
     result = TestTimeAugmentation(model, scales=[SCALE], flip=False, proposal_nms_iou=1.0)(image)
@@ -23,9 +24,9 @@ def test_one_view_without_flip_is_the_plain_model():
         torch.testing.assert_close(result[key], expected[key], rtol=0, atol=1e-4)
 
 
-def test_flipped_view_maps_back_to_the_original_image():
+def test_flipped_view_maps_back_to_the_original_image(device):
     """The flipped view alone = the model on the mirrored image, mirrored back."""
-    model = _model()
+    model = _model(device)
     image, _ = synthetic_sample(150, 190, 3, seed=2)
     tta = TestTimeAugmentation(model, scales=[SCALE], flip=True, proposal_nms_iou=1.0)
     tta.views = [(SCALE, True)]
@@ -40,8 +41,8 @@ def test_flipped_view_maps_back_to_the_original_image():
     assert disagree < 1e-3  # pixels whose probability sits on the 0.5 threshold may differ
 
 
-def test_official_ten_views_run_and_detections_lie_inside_the_image():
-    model = _model()
+def test_official_ten_views_run_and_detections_lie_inside_the_image(device):
+    model = _model(device)
     image, _ = synthetic_sample(120, 170, 3, seed=3)
     tta = TestTimeAugmentation(model)
     assert len(tta.views) == 10 and {s for s, _ in tta.views} == set(OFFICIAL_SCALES)

@@ -15,7 +15,7 @@ ALL_CONFIGS = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join
 
 
 @pytest.mark.parametrize("name", ALL_CONFIGS)
-def test_config_builds_trains_and_predicts(name, two_samples):
+def test_config_builds_trains_and_predicts(name, two_samples, device):
     path = os.path.join(CONFIGS, name)
     with torch.device("meta"):  # the real widths build (on the meta device: shapes only, no init cost)
         full = scnet.build_model(path)
@@ -24,7 +24,7 @@ def test_config_builds_trains_and_predicts(name, two_samples):
     # second without annotations), then inference
     cfg = get_cfg(path, tiny_overrides(path))
     torch.manual_seed(0)
-    model = scnet.build_model(cfg)
+    model = scnet.build_model(cfg).to(device)
     images, targets = two_samples
     if semantic_branch(cfg.model) is None:
         targets = [{k: v for k, v in t.items() if k != "semantic_seg"} for t in targets]
@@ -36,7 +36,7 @@ def test_config_builds_trains_and_predicts(name, two_samples):
     model.eval()
     results = model(images)
     for result, image in zip(results, images):
-        assert result["masks"].shape[1:] == image.shape[1:]
+        assert result["masks"].shape[1:] == image.shape[1:] and result["masks"].device == device
         assert result["boxes"].shape[0] <= cfg.model.test.max_detections
 
 

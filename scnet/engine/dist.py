@@ -60,15 +60,15 @@ def all_gather_object(obj):
     return out
 
 
-def reduce_dict(values):
-    """Average a dict of scalar tensors over processes, for logging only."""
+def reduce_dict(values, device):
+    """Average a dict of floats over processes, for logging only."""
     if not is_distributed():
-        return {k: v.detach() for k, v in values.items()}
+        return dict(values)
     keys = sorted(values)
-    stacked = torch.stack([values[k].detach().float() for k in keys])
+    stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(stacked)
     stacked /= get_world_size()
-    return dict(zip(keys, stacked))
+    return dict(zip(keys, stacked.tolist()))
 
 
 def cleanup():

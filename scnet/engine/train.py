@@ -2,6 +2,7 @@
 
 The loop that uses them is ``train`` in scripts/train.py."""
 import hashlib
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from typing import List
@@ -112,22 +113,27 @@ def set_learning_rate(optimizer, state, solver, base_lr):
 
 
 def train_step(model, optimizer, scaler, images, targets, solver, device):
-    """Forward, backward and SGD step on one batch. Returns (losses, finite): when the loss is not
-    finite on some process, no process steps (the same branch everywhere, or DDP's all-reduce hangs)."""
+    """Forward, backward and SGD step on one batch. Returns ({loss name: float}, finite).
+
+    The loss values are read into the host once, after the backward pass is queued: the step's own
+    host-device synchronisation (the model's are listed in docs/gpu.md). It gives the log its numbers
+    and decides whether to step: when a loss is not finite on some process, no process steps (the same
+    branch everywhere; the backward runs in any case, since under DDP every process must join its
+    gradient all-reduce)."""
     with _autocast(device, solver.amp):
         losses = model(images, targets)
-    total = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
-    finite = dist.all_true(bool(torch.isfinite(total)), device)
+    scaler.scale(sum(losses.values())).backward()
+    values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+    finite = dist.all_true(all(math.isfinite(v) for v in values.values()), device)
     if finite:
-        scaler.scale(total).backward()
         if solver.clip_grad_norm > 0:
             scaler.unscale_(optimizer)
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
-    return losses, finite
+    return values, finite
 
 
 def count_nonfinite_step(state, losses, targets, max_steps, logger):

@@ -115,11 +115,7 @@ class TwoStageDetector(nn.Module):
         if len(images) != len(targets):
             raise ValueError(f"got {len(images)} images but {len(targets)} targets")
         batch = self.normalize_and_pad(images)
-        targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        for i, (t, size) in enumerate(zip(targets, batch.image_sizes)):
-            t["boxes"] = t["boxes"].float().reshape(-1, 4)
-            t["labels"] = t["labels"].long()
-            self._check_target(i, t, size)
+        targets = [self._prepare_target(i, t, size) for i, (t, size) in enumerate(zip(targets, batch.image_sizes))]
         features = self.extract_features(batch.tensor)
         proposals, _, losses = self.rpn(features, batch.image_sizes, [t["boxes"] for t in targets])
         features = self.roi_features(features)
@@ -127,6 +123,13 @@ class TwoStageDetector(nn.Module):
         losses.update(context_losses)
         losses.update(self.roi_heads.forward_train(features, proposals, batch.image_sizes, targets, context))
         return losses
+
+    def _prepare_target(self, i, target, image_size):
+        """Checked where it is (the data loader's CPU tensors: no host-device synchronisation), then moved
+        to the model's device."""
+        target = dict(target, boxes=target["boxes"].float().reshape(-1, 4), labels=target["labels"].long())
+        self._check_target(i, target, image_size)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in target.items()}
 
     def _check_target(self, i, target, image_size):
         """Stop with a message naming the image and the problem, never deep inside a head."""

@@ -55,9 +55,13 @@ class MultiLevelRoIAlign(nn.Module):
             return roi_align(features[0], rois, size, 1.0 / self.strides[0], self.sampling_ratio, True, group)
         levels = map_levels(rois, len(self.strides), self.finest_scale)
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1]) + size)
-        for level, stride in enumerate(self.strides):
-            idx = (levels == level).nonzero().view(-1)
+        # RoIs grouped by level with one sort; the per-level counts are the one host-device
+        # synchronisation (a nonzero per level would be one each)
+        order = levels.argsort(stable=True)
+        level_ids = torch.arange(len(self.strides), device=levels.device)
+        counts = (levels == level_ids[:, None]).sum(dim=1).tolist()  # (bincount synchronises twice on CUDA)
+        for level, idx in enumerate(order.split(counts)):
             if idx.numel() > 0:
-                scale = 1.0 / stride
+                scale = 1.0 / self.strides[level]
                 out[idx] = roi_align(features[level], rois[idx], size, scale, self.sampling_ratio, True, group)
         return out

@@ -152,9 +152,8 @@ class RPN(nn.Module):
             ids = torch.cat(level_ids)
             if self.min_box_size >= 0:
                 wh = boxes[:, 2:] - boxes[:, :2]
-                valid = (wh > self.min_box_size).all(dim=1)
-                if not valid.all():
-                    boxes, s, ids = boxes[valid], s[valid], ids[valid]
+                valid = (wh > self.min_box_size).all(dim=1).nonzero().view(-1)  # one synchronisation
+                boxes, s, ids = boxes[valid], s[valid], ids[valid]
             keep = batched_nms(boxes, s, ids, self.nms_iou)[:post_nms]
             proposals.append(boxes[keep])
             scores.append(s[keep])

@@ -61,11 +61,9 @@ def assign_by_iou(iou, positive_iou, negative_iou, min_positive_iou, low_quality
 
 
 def _assign_by_max(max_iou, argmax, positive_iou, negative_iou):
-    assigned = torch.full_like(argmax, -1)
-    assigned[(max_iou >= 0) & (max_iou < negative_iou)] = 0
-    positive = max_iou >= positive_iou
-    assigned[positive] = argmax[positive] + 1
-    return assigned
+    # torch.where rather than boolean-mask assignment: no nonzero, so no host-device synchronisation
+    assigned = torch.where((max_iou >= 0) & (max_iou < negative_iou), 0, -1)
+    return torch.where(max_iou >= positive_iou, argmax + 1, assigned)
 
 
 def _claim_low_quality(assigned, iou, gt_max, min_positive_iou, first_gt):
@@ -73,8 +71,7 @@ def _claim_low_quality(assigned, iou, gt_max, min_positive_iou, first_gt):
     the last GT with a hit wins, as in the official per-GT loop."""
     hits = (iou == gt_max[:, None]) & (gt_max >= min_positive_iou)[:, None]
     last = first_gt + iou.shape[0] - 1 - hits.flip(0).to(torch.uint8).argmax(dim=0)
-    claimed = hits.any(dim=0)
-    assigned[claimed] = last[claimed] + 1
+    assigned.copy_(torch.where(hits.any(dim=0), last + 1, assigned))  # in place, without a synchronisation
 
 
 def _random_subset(indices, num):
@@ -89,8 +86,11 @@ def sample_positive_negative(assigned, batch_size, positive_fraction):
     Both index sets come back sorted [impl 24.10]: with the GT boxes prepended to the candidates, GT rows
     come first among the positives, which the relay and mask-target slicing rely on.
     """
+    # the two nonzero calls are this function's host-device synchronisations: how many candidates of
+    # each kind there are decides how many are drawn (docs/gpu.md); sort, not unique, orders the
+    # (distinct) drawn indices without another one
     positive = (assigned > 0).nonzero().view(-1)
-    positive = _random_subset(positive, int(batch_size * positive_fraction)).unique()
+    positive = _random_subset(positive, int(batch_size * positive_fraction)).sort().values
     negative = (assigned == 0).nonzero().view(-1)
-    negative = _random_subset(negative, batch_size - positive.numel()).unique()
+    negative = _random_subset(negative, batch_size - positive.numel()).sort().values
     return positive, negative

@@ -43,6 +43,15 @@ class Samples(NamedTuple):
         return self.labels[: self.num_positive]
 
 
+def positive_rows(samples, device):
+    """Row indices of the positives in the concatenation of ``samples`` (positives first in each)."""
+    rows, start = [], 0
+    for s in samples:
+        rows.append(torch.arange(start, start + s.num_positive, device=device))
+        start += len(s.labels)
+    return torch.cat(rows)
+
+
 class Stage(NamedTuple):
     """One box stage's training pass over a batch."""
 
@@ -55,8 +64,9 @@ class Stage(NamedTuple):
 
     @property
     def positive(self):
-        """(S,) bool: the rows of ``rois`` that are positives."""
-        return torch.cat([torch.arange(len(s.labels), device=self.rois.device) < s.num_positive for s in self.samples])
+        """(P,) int64: the rows of ``rois`` that are positives (from sizes the host knows, so that indexing
+        with it needs no host-device synchronisation, unlike a boolean mask)."""
+        return positive_rows(self.samples, self.rois.device)
 
 
 class RoIHeads(nn.Module):
@@ -152,7 +162,9 @@ class RoIHeads(nn.Module):
         coder = self.box_coders[stage]
         box_targets = [coder.encode(s.positive_boxes, t["boxes"][s.matched_gt]) for s, t in zip(samples, targets)]
         deltas = self.box_heads[stage].select_deltas(deltas, labels)
-        loss_cls, loss_box, _ = box_loss(cls_logits, deltas, labels, torch.cat(box_targets), self.box_smooth_l1_beta)
+        positive = positive_rows(samples, labels.device)
+        loss_cls, loss_box, _ = box_loss(cls_logits, deltas, labels, torch.cat(box_targets), self.box_smooth_l1_beta,
+                                         positive)
         weight = self.stage_loss_weights[stage]  # alpha_t, SCNet paper eq. 3
         return {f"s{stage}.loss_cls": weight * loss_cls, f"s{stage}.loss_box": weight * loss_box}
 

@@ -56,7 +56,7 @@ class BoxHead(nn.Module):
         return deltas.view(deltas.shape[0], -1, 4)[index, labels.clamp(max=self.num_classes - 1)]
 
 
-def box_loss(cls_logits, deltas, labels, box_targets, beta=1.0):
+def box_loss(cls_logits, deltas, labels, box_targets, beta=1.0, positive=None):
     """Cross-entropy over the sampled RoIs and Smooth L1 on the positives, both divided by the number
     of sampled RoIs [impl 9.5, 24.11].
 
@@ -64,13 +64,16 @@ def box_loss(cls_logits, deltas, labels, box_targets, beta=1.0):
         cls_logits: (R, C + 1); deltas: (R, 4) (class-agnostic, or already selected for the GT class).
         labels: (R,) GT class of positives, C (background) for negatives.
         box_targets: (P, 4) encoded targets of the positives (rows where labels < C, in order).
+        positive: (P,) indices of those rows, when the caller knows them (saves a host-device
+            synchronisation); else found from ``labels``.
     Returns:
         loss_cls, loss_box, accuracy (a float in percent, for logging).
     """
     num_classes = cls_logits.shape[1] - 1
     num_sampled = max(labels.numel(), 1)
     loss_cls = F.cross_entropy(cls_logits, labels, reduction="sum") / num_sampled
-    positive = labels < num_classes
+    if positive is None:
+        positive = labels < num_classes
     loss_box = smooth_l1_loss(deltas[positive], box_targets, beta).sum() / num_sampled
     with torch.no_grad():
         accuracy = (cls_logits.argmax(1) == labels).float().mean() * 100 if labels.numel() else cls_logits.new_zeros(())
