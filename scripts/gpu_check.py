@@ -151,6 +151,14 @@ def part_training(args):
     return result
 
 
+def _table(columns, rows):
+    """Markdown lines of a table and a blank line; none without rows."""
+    if not rows:
+        return []
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows] + [""]
+
+
 def markdown(report):
     env, lines = report["environment"], ["# GPU check", ""]
     lines.append("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
@@ -161,18 +169,12 @@ def markdown(report):
     bench = report.get("benchmark")
     if bench:
         lines += ["## Benchmark", "", f"exit {bench['exit']} in {bench['seconds']} s (benchmark.log, benchmark.json)", ""]
-        if bench.get("inference"):
-            lines += ["| config | dtype | img/s | s/img | network s | peak MB | dets |", "|---|---|---|---|---|---|---|"]
-            for r in bench["inference"]:
-                lines.append(f"| {r['config']} | {r['dtype']} | {r['images_per_s']:.2f} | {r['e2e_s']:.4f} | "
-                             f"{r['network_s']:.4f} | {r['peak_mb'] or 0:.0f} | {r['detections']} |")
-            lines.append("")
-        if bench.get("training"):
-            lines += ["| config | dtype | s/iter (2 images) | with data | peak MB | finite |", "|---|---|---|---|---|---|"]
-            for r in bench["training"]:
-                lines.append(f"| {r['config']} | {r['dtype']} | {r['s_per_iter']:.4f} | {r['s_per_iter_with_data']:.4f} | "
-                             f"{r['peak_mb'] or 0:.0f} | {r['losses_finite']} |")
-            lines.append("")
+        lines += _table(["config", "dtype", "img/s", "s/img", "network s", "peak MB", "dets"], [
+            [r["config"], r["dtype"], f"{r['images_per_s']:.2f}", f"{r['e2e_s']:.4f}", f"{r['network_s']:.4f}",
+             f"{r['peak_mb'] or 0:.0f}", r["detections"]] for r in bench.get("inference", [])])
+        lines += _table(["config", "dtype", "s/iter (2 images)", "with data", "peak MB", "finite"], [
+            [r["config"], r["dtype"], f"{r['s_per_iter']:.4f}", f"{r['s_per_iter_with_data']:.4f}",
+             f"{r['peak_mb'] or 0:.0f}", r["losses_finite"]] for r in bench.get("training", [])])
     train = report.get("training")
     if train:
         lines += ["## Short training on the COCO sample", ""]
@@ -183,10 +185,9 @@ def markdown(report):
             if "loss_falls" in train:
                 lines.append(f"loss: first fifth {train['loss_first_fifth']:.3f}, last fifth {train['loss_last_fifth']:.3f}"
                              f" -> falls: {train['loss_falls']}")
-            curve = train.get("loss_curve", [])
-            lines += ["", "| iteration | loss | s/iter |", "|---|---|---|"]
-            lines += [f"| {c['iteration']} | {c['loss']:.4f} | {c['s_per_iter'] or 0:.3f} |" for c in curve]
             lines.append("")
+            lines += _table(["iteration", "loss", "s/iter"], [
+                [c["iteration"], f"{c['loss']:.4f}", f"{c['s_per_iter'] or 0:.3f}"] for c in train.get("loss_curve", [])])
     return "\n".join(lines)
 
 

@@ -127,6 +127,15 @@ def synthetic_sample(height, width, num_objects, seed, num_classes=3, stuff_clas
     return torch.from_numpy(image.round().clip(0, 255).astype(np.uint8)), target
 
 
+def shapes_dataset(folder, num_train, num_val):
+    """A generated COCO-format dataset with train and val splits (stuff maps included) in ``folder``."""
+    from scnet.data.synthetic import make_synthetic_coco
+
+    make_synthetic_coco(str(folder), num_images=num_train, seed=0, split_name="train")
+    make_synthetic_coco(str(folder), num_images=num_val, seed=1, split_name="val")
+    return str(folder)
+
+
 @pytest.fixture
 def two_samples():
     """Two images of different odd sizes; the second has no annotations."""

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from scnet.data.synthetic import category_ids, make_synthetic_coco
+from scnet.data.synthetic import category_ids
 
-from conftest import ROOT, TINY, synthetic_sample, tiny_model
+from conftest import ROOT, TINY, shapes_dataset, synthetic_sample, tiny_model
 
 SEMANTIC = ["model.semantic.num_classes=183"]  # the synthetic stuff maps hold raw COCO-stuff ids
 
@@ -36,10 +36,7 @@ def _run(script, *args):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    make_synthetic_coco(str(root), num_images=4, seed=0, split_name="train")
-    make_synthetic_coco(str(root), num_images=3, seed=1, split_name="val")
-    return str(root)
+    return shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=4, num_val=3)
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,10 @@ import pytest
 import torch
 
 import scnet
-from scnet.data.synthetic import make_synthetic_coco
 from scnet.engine.checkpoint import load_checkpoint, resolve_resume
 from scnet.utils.files import FileError, UnsafeFileError, load_file, save_file
 
-from conftest import ROOT, TINY, tiny_model
+from conftest import ROOT, TINY, shapes_dataset, tiny_model
 
 
 class _WritesMarker:
@@ -95,10 +94,7 @@ def test_resume_auto_skips_a_planted_checkpoint_with_a_warning(evil, tmp_path):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    make_synthetic_coco(str(root), num_images=2, seed=0, split_name="train")
-    make_synthetic_coco(str(root), num_images=2, seed=1, split_name="val")
-    return str(root)
+    return shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=2, num_val=2)
 
 
 def _script(name, *args):
