@@ -2,6 +2,7 @@
 evaluate an existing results file.
 
     python scripts/eval.py --cfg configs/r50_20e.yaml --weights scnet_r50_20e.pth [--tta] [key.sub=value ...]
+    python scripts/eval.py --cfg configs/r50_20e.yaml --weights scnet_r50_20e.pth --batch-size 4
     torchrun --nproc_per_node 8 scripts/eval.py --cfg configs/r50_20e.yaml --weights W.pth
     python scripts/eval.py --results output/r50_20e/eval/results.json --ann data/coco/annotations/instances_val2017.json
 
@@ -23,7 +24,7 @@ from scnet.config import get_cfg
 from scnet.data.coco import CocoDataset
 from scnet.engine import dist
 from scnet.engine.compile import compile_dense_parts
-from scnet.engine.evaluate import gather_results, inference_on_dataset
+from scnet.engine.evaluate import gather_results, inference_on_dataset, input_shape_key
 from scnet.modeling.tta import TestTimeAugmentation
 from scnet.utils.files import report_file_errors
 from scnet.utils.malloc import keep_freed_memory
@@ -46,6 +47,9 @@ def parse_args():
     parser.add_argument("--compile", action="store_true", help="torch.compile the dense parts (scnet/engine/compile.py)")
     parser.add_argument("--output-dir", help="default: output/<config name>/eval, or the folder of --results")
     parser.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images per forward pass and process, grouped by network-input shape: the same "
+                             "detections as 1 (scnet/engine/evaluate.py)")
     parser.add_argument("--results", help="evaluate this COCO results JSON instead of running a model")
     parser.add_argument("--ann", help="with --results: the ground-truth annotation JSON")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
@@ -54,16 +58,20 @@ def parse_args():
         parser.error("--results evaluates a file: it takes --ann, --output-dir and --max-images only")
     if args.results and not args.ann:
         parser.error("--results needs --ann (the ground-truth annotation JSON)")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
     if not args.results and not args.weights:
         parser.error("--weights is required to evaluate a model (or give --results and --ann)")
     return args
 
 
 def build_predict(model, tta, test_cfg):
-    """image (3, H, W) uint8 -> the model's output dict, plain or with test-time augmentation."""
+    """A list of (3, H, W) uint8 images -> the model's output dicts, plain or with test-time augmentation
+    (one image at a time: it runs 10 passes of each)."""
     if tta:
-        return TestTimeAugmentation(model, [tuple(s) for s in test_cfg.tta_scales], test_cfg.tta_flip)
-    return lambda image: model([image])[0]
+        augmented = TestTimeAugmentation(model, [tuple(s) for s in test_cfg.tta_scales], test_cfg.tta_flip)
+        return lambda images: [augmented(image) for image in images]
+    return model
 
 
 def run_model(args):
@@ -85,12 +93,15 @@ def run_model(args):
     if args.compile:
         compile_dense_parts(model)
     indices = range(min(args.max_images, len(dataset)) if args.max_images else len(dataset))
-    log(f"{len(indices)} images, {dist.get_world_size()} process(es), {'TTA' if args.tta else 'single scale'}, "
+    log(f"{len(indices)} images, {dist.get_world_size()} process(es) x batch {args.batch_size}, "
+        f"{'TTA' if args.tta else 'single scale'}, "
         f"weights {args.weights}")
     with torch.no_grad():
         predict = build_predict(model, args.tta, cfg.model.test)
+        key = input_shape_key(model.test_scale, model.size_divisibility, dataset.image_sizes)
         results, info = inference_on_dataset(predict, dataset, dataset.category_ids, dist.get_rank(),
-                                             dist.get_world_size(), indices=indices, num_workers=cfg.data.num_workers)
+                                             dist.get_world_size(), indices=indices, num_workers=cfg.data.num_workers,
+                                             batch_size=args.batch_size, batch_key=key)
     results = gather_results(results)
     infos = dist.all_gather_object(info)
     if dist.is_main_process():

@@ -131,7 +131,8 @@ def part_training(args):
                  "data.train_images=train2017", "data.semantic_source=instances", "data.num_workers=4",
                  "model.num_classes=80", "model.semantic.num_classes=81", "model.input.train_scale=[512,384]",
                  f"solver.max_iters={iters}", "solver.epochs=1000", "solver.lr_steps=[1000]", "solver.base_lr=0.04",
-                 f"train.log_period={max(1, iters // 30)}", "train.checkpoint_period=0"]
+                 f"train.log_period={max(1, iters // 30)}", "train.checkpoint_period=0",
+                 "train.eval_period=0"]
     cmd = [sys.executable, "scripts/train.py", "--cfg", "configs/quickstart.yaml", "--output-dir", out, *overrides]
     env = {} if args.device.startswith("cuda") else {"CUDA_VISIBLE_DEVICES": ""}
     rc, seconds, tail = run("training", cmd, args.out, timeout=120 if args.quick else 75, env=env)

@@ -8,7 +8,9 @@ per GPU, SGD with the official schedule (lr 0.02 per 16 images, scaled linearly;
 Checkpoints go to ``--output-dir`` every ``train.checkpoint_period`` iterations and at the end of every
 epoch; ``--resume auto`` continues from the newest valid one, mid-epoch included. SIGTERM or SIGUSR1
 (``train.stop_signals``) writes a checkpoint at the next iteration and exits with 128 + the signal's
-number. The trained weights alone are written to ``model_final.pth`` at the end.
+number. The trained weights alone are written to ``model_final.pth`` at the end. Every
+``train.eval_period`` epochs (or iterations) and at the end, the model is evaluated on the val split and
+``model_best.pth`` keeps the best weights (scnet/engine/validation.py).
 
 ``main`` reads top to bottom: ``set_up``, then ``train`` (the loop), then the final weights.
 """
@@ -43,6 +45,7 @@ from scnet.engine.train import (
     train_step,
     weights_digest,
 )
+from scnet.engine.validation import build_periodic_evaluation
 from scnet.modeling.backbone.resnet import load_pretrained
 from scnet.utils.files import FileError, FolderLock, report_file_errors, save_file, write_failure
 from scnet.utils.malloc import keep_freed_memory
@@ -73,6 +76,7 @@ class Run(NamedTuple):
     logger: TrainLogger
     base_lr: float
     total_iters: int
+    evaluation: object  # PeriodicEvaluation (scnet/engine/validation.py), or None: train.eval_period=0
     lock: object  # the output folder's FolderLock (main process), held until the process ends
 
 
@@ -128,7 +132,9 @@ def set_up(args):
     dataset = build_train_dataset(cfg)
     report_skipped(dataset, log)
     world, rank = dist.get_world_size(), dist.get_rank()
-    loader = build_train_loader(dataset, cfg.solver.images_per_gpu, world, rank, cfg.seed, cfg.data.flip_prob,
+    # one batch of the loader is one SGD step: accumulate_steps micro-batches (train_step splits it)
+    per_step = cfg.solver.images_per_gpu * cfg.solver.accumulate_steps
+    loader = build_train_loader(dataset, per_step, world, rank, cfg.seed, cfg.data.flip_prob,
                                 cfg.data.num_workers, worker_ignored_signals=parse_signals(cfg.train.stop_signals))
     params = [p for p in model.parameters() if p.requires_grad]  # weight decay on all of them [impl 24.29]
     base_lr = scaled_base_lr(cfg.solver, world)
@@ -165,19 +171,24 @@ def set_up(args):
     iters_per_epoch = len(loader.batch_sampler)
     if state.batch_in_epoch >= iters_per_epoch:  # resumed from a checkpoint of an epoch's last batch
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    # the schedule is in epochs: a run resumed with another batch layout (world size, images_per_gpu)
-    # trains the rest of its epochs in batches of the new size and stops at the same epoch
+    # the schedule is in epochs: a run resumed with another batch layout (world size, images_per_gpu,
+    # accumulate_steps) trains the rest of its epochs in batches of the new size and stops at the same epoch
     remaining = max(0, (cfg.solver.epochs - state.epoch) * iters_per_epoch - state.batch_in_epoch)
     total_iters = state.iteration + remaining
     if cfg.solver.max_iters:
         total_iters = min(total_iters, cfg.solver.max_iters)
-    log(f"{len(dataset)} images, {world} process(es) x {cfg.solver.images_per_gpu} images, "
+    accumulate = f" x {cfg.solver.accumulate_steps} accumulated" if cfg.solver.accumulate_steps > 1 else ""
+    log(f"{len(dataset)} images, {world} process(es) x {cfg.solver.images_per_gpu} images{accumulate}, "
         f"{iters_per_epoch} iterations/epoch, {total_iters} in total, base lr {base_lr:g}")
     try:
         logger = TrainLogger(output_dir, total_iters, state.iteration, cfg.train.log_period, dist.is_main_process())
     except OSError as e:
         raise FileError(f"cannot write the logs in {output_dir}: {write_failure(e, output_dir)}") from None
-    run = Run(cfg, device, output_dir, wrapped, model, optimizer, scaler, loader, logger, base_lr, total_iters, lock)
+    evaluation = build_periodic_evaluation(cfg, output_dir)
+    if state.best_value is not None:
+        log(f"best {cfg.train.best_metric} so far: {state.best_value:.4f} at iteration {state.best_iteration}")
+    run = Run(cfg, device, output_dir, wrapped, model, optimizer, scaler, loader, logger, base_lr, total_iters,
+              evaluation, lock)
     return run, state, dataset
 
 
@@ -216,6 +227,8 @@ def train_epoch(run, state, stop):
         run.logger.record(state.iteration, state.epoch, losses, lr, time.time() - end, data_time, run.device)
         if state.batch_in_epoch == iters_per_epoch:  # a checkpoint from here resumes with the next epoch
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        if run.evaluation and run.evaluation.due(state, run.total_iters):  # collective; before the checkpoint,
+            run.evaluation(run.module, run.device, state, run.logger)      # which then holds the best so far
         stop_signal = stop.agreed(run.device)  # collective: every process stops at this iteration
         if stop_signal or (period and state.iteration % period == 0) or state.batch_in_epoch == 0 or \
                 state.iteration == run.total_iters:

@@ -46,10 +46,10 @@ def noisy_detections(coco, category_ids, image_id):
 
 
 def make_predict(dataset, annotation_file):
-    """image -> noisy_detections of the dataset image with exactly these pixels."""
+    """images -> noisy_detections of the dataset images with exactly these pixels."""
     coco = COCO(annotation_file)
     image_ids = {image_key(image): target["image_id"] for image, target in (dataset[i] for i in range(len(dataset)))}
-    return lambda image: noisy_detections(coco, dataset.category_ids, image_ids[image_key(image)])
+    return lambda images: [noisy_detections(coco, dataset.category_ids, image_ids[image_key(im)]) for im in images]
 
 
 def main(data_dir, out_dir):

@@ -60,6 +60,8 @@ def test_overrides_parse_yaml_values():
         ("model.roi_heads.stage_ious=0.5", "model.roi_heads.stage_ious"),
         ("model.backbone=5", "model.backbone"),
         ("solver.lr", "solver.lr"),
+        ("solver.accumulate_steps=0", "solver.accumulate_steps' must be at least 1"),
+        ("train.eval_period=-1", "train.eval_period' must be at least 0"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -100,7 +100,8 @@ def test_one_process_nccl_training_run(cuda, tmp_path):
     """scripts/train.py under torchrun on one GPU: NCCL, CUDA memory logged, weights written."""
     root, data = _coco(tmp_path, "train")
     overrides = TINY + data + ["data.train_stuff_maps=stuffthingmaps/train", "model.semantic.num_classes=183",
-                               "model.input.train_scale=[160,128]", "solver.max_iters=4", "train.log_period=1"]
+                               "model.input.train_scale=[160,128]", "solver.max_iters=4", "train.log_period=1",
+                               "train.eval_period=0"]
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            os.path.join(ROOT, "scripts", "train.py"), "--output-dir", str(out), *overrides]

@@ -37,6 +37,7 @@ def _overrides(root, *extra):
         "model.input.train_scale=[160,128]",
         "solver.warmup_iters=4",
         "train.log_period=1",
+        "train.eval_period=0",  # no val split here (tests/test_validation.py covers the evaluation)
         *extra,
     ]
 
@@ -147,6 +148,15 @@ def test_ddp_two_processes_match_one_process_with_the_same_total_batch(dataset_d
     # normalisers differ between one batch of 2 and two batches of 1
     for it in a:
         assert b[it] == pytest.approx(a[it], rel=0.03), (it, a[it], b[it])
+    # one process accumulating 2 micro-batches of 1: the two processes' update (tests/test_accumulate.py),
+    # with the large batch's learning rate at every iteration (scaling, warm-up)
+    acc = _run(common + ["solver.images_per_gpu=1", "solver.accumulate_steps=2"], tmp_path / "acc")
+    assert acc.returncode == 0, acc.stderr[-3000:]
+    assert "1 process(es) x 1 images x 2 accumulated, " in acc.stdout
+    lr = {r["iteration"]: r["lr"] for r in _log(tmp_path / "acc") if "lr" in r}
+    assert lr == {r["iteration"]: r["lr"] for r in _log(tmp_path / "one") if "lr" in r}
+    for it, loss in _losses(tmp_path / "acc").items():
+        assert loss == pytest.approx(a[it], rel=0.03), (it, a[it], loss)
 
 
 @pytest.mark.parametrize("sig, workers", [(signal.SIGTERM, 0), (signal.SIGUSR1, 1)])

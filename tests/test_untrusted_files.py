@@ -106,7 +106,8 @@ def _script(name, *args):
 def _data(root):
     return [f"data.root={root}", "data.train_annotations=annotations/instances_train.json", "data.train_images=train",
             "data.train_stuff_maps=stuffthingmaps/train", "data.val_annotations=annotations/instances_val.json",
-            "data.val_images=val", "data.num_workers=0", "model.semantic.num_classes=183", "solver.max_iters=1"]
+            "data.val_images=val", "data.num_workers=0", "model.semantic.num_classes=183", "train.eval_period=0",
+            "solver.max_iters=1"]
 
 
 def test_scripts_refuse_with_one_line(evil, marker, tmp_path, data_root):

@@ -29,6 +29,9 @@ class SolverConfig:
     base_lr: float = 0.02  # for a total batch of base_batch_size, scaled linearly
     base_batch_size: int = 16
     images_per_gpu: int = 2
+    # gradient accumulation: one SGD step per this many micro-batches of images_per_gpu; the schedule
+    # (lr scaling, warm-up, steps, checkpoint periods) counts these steps (scnet/engine/train.py)
+    accumulate_steps: int = 1
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 500
@@ -62,6 +65,12 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest N kept (the newest finite one is never deleted)
     max_nonfinite_steps: int = 10  # skipped non-finite steps tolerated before the run stops
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower; for exact resume on GPU)
+    # evaluation on the val split every eval_period epochs or iterations (eval_period_unit) and of the
+    # final model; model_best.pth keeps the best by best_metric (scnet/engine/validation.py); 0: off
+    eval_period: int = 1  # the official schedule validates at the end of each epoch
+    eval_period_unit: str = "epochs"  # or "iterations"
+    best_metric: str = "segm.AP"  # <bbox|segm>.<AP|AP50|AP75|APs|APm|APl|AR1|AR10|AR100|ARs|ARm|ARl>
+    eval_batch_size: int = 1  # images per forward pass and process, as eval.py --batch-size
     # signals that stop the run with a checkpoint at the next iteration boundary (scnet/engine/preemption.py)
     stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
@@ -150,6 +159,20 @@ def apply_overrides(cfg, overrides):
     return cfg
 
 
+# integer settings and their smallest valid value
+MINIMUM = {"solver.images_per_gpu": 1, "solver.accumulate_steps": 1, "solver.epochs": 1, "train.eval_period": 0,
+           "train.eval_batch_size": 1, "train.log_period": 1, "train.checkpoint_period": 0}
+
+
+def _check_ranges(cfg):
+    for key, minimum in MINIMUM.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < minimum:
+            raise ConfigError(f"config key '{key}' must be at least {minimum}, got {value}")
+    return cfg
+
+
 def new_config(arch="scnet"):
     """The defaults of architecture ``arch``."""
     if not isinstance(arch, str) or arch not in MODEL_CONFIGS:
@@ -176,7 +199,7 @@ def get_cfg(path=None, overrides=()):
         _merge(cfg, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return apply_overrides(cfg, overrides)
+    return _check_ranges(apply_overrides(cfg, overrides))
 
 
 def to_dict(cfg):

@@ -139,6 +139,7 @@ class CocoDataset(Dataset):
         self.image_ids = [r["id"] for r in index.records]
         self.file_names = [r["file_name"] for r in index.records]
         self.aspect_groups = [int(r["width"] / r["height"] > 1) for r in index.records]  # mmdet group flag
+        self.image_sizes = [(r["height"], r["width"]) for r in index.records]  # the annotation file's
         self.skipped = [(p.file, p.reason) for p in index.problems]
         self.stats = dict(index.stats)
         self._records = _PackedList(index.records)

@@ -1,56 +1,73 @@
 """Inference over a dataset, split over processes, and gathering of the results [impl 13, 16.2].
 
-One image at a time at its original size (batch 1 per GPU, as the official test pipeline); the
-detector resizes it and returns boxes and masks in the original pixels. Process ``rank`` handles the
-dataset indices rank, rank + world_size, ... and turns each image's detections into COCO result
-dicts at once: 100 full-size masks per image would not fit in memory for 5000 images, their RLEs do.
+Each image at its original size (the detector resizes it and returns boxes and masks in the original
+pixels), one at a time as the official test pipeline (batch 1 per GPU) or in batches. Process ``rank``
+handles the dataset indices rank, rank + world_size, ... and turns each image's detections into COCO
+result dicts at once: 100 full-size masks per image would not fit in memory for 5000 images, their
+RLEs do.
 
-    results, info = inference_on_dataset(lambda im: model([im])[0], dataset, dataset.category_ids,
-                                         dist.get_rank(), dist.get_world_size())
+    results, info = inference_on_dataset(model, dataset, dataset.category_ids, dist.get_rank(),
+                                         dist.get_world_size(), batch_size=4, batch_key=input_shape_key(model, dataset))
     results = gather_results(results)    # rank 0: everything, in a fixed order; other ranks: []
+
+Batches hold images of one padded network-input shape (``batch_key``): padding an image to a larger
+batch would change the features near its bottom and right borders (a convolution there reads the
+padding's features, not zeros). So batch N gives the detections of batch 1, up to the float rounding
+of convolution kernels that depend on the batch size (oneDNN: about 1e-7 relative in the features).
 """
 import time
 import warnings
+from collections import defaultdict
 
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..evaluation.coco_eval import instances_to_coco
+from ..ops.image import rescale_size
 from . import dist
 
 REPLACED = "replaced by"  # CocoDataset's action for an image it could not load (scnet/data/checks.py)
 
 
 def inference_on_dataset(predict, dataset, category_ids, rank=0, world_size=1, progress=True, indices=None,
-                         num_workers=0):
+                         num_workers=0, batch_size=1, batch_key=None):
     """Run ``predict`` on this process's share of ``dataset``; COCO result dicts and timing.
 
     Args:
-        predict: (3, H, W) uint8 image -> the detector's output dict for it (a model, TTA, ...).
+        predict: a list of (3, H, W) uint8 images -> the list of the detector's output dicts (a model,
+            TTA, ...).
         dataset: CocoDataset(training=False) or alike: ``dataset[i]`` -> (image, target with
             ``image_id``, ``issues``), and ``file_names``.
         category_ids: contiguous label -> COCO category id.
         indices: the dataset indices to run on (default all); this process takes every
             ``world_size``-th of them from position ``rank``.
-        num_workers: DataLoader processes that decode images ahead (0: in this process).
+        num_workers: DataLoader processes that decode the images ahead (0: in this process).
+        batch_size: images per call of ``predict``; batch_key: dataset index -> a key, batches hold
+            images of one key only (``input_shape_key``).
     Returns ``(results, info)``: ``info`` holds ``image_ids`` (the images predicted), ``skipped``
     (files that could not be loaded: no prediction, rather than the replacement's twice),
     ``images``, ``seconds`` and ``images_per_s`` of this process.
     """
     indices = list(range(len(dataset)) if indices is None else indices)[rank::world_size]
+    batches = make_batches(indices, batch_size, batch_key)
     results, image_ids, skipped = [], [], []
     bar = tqdm(total=len(indices), unit="img", desc="inference", disable=not progress or rank != 0)
     start = time.perf_counter()
-    for index, (image, target) in zip(indices, _load(dataset, indices, num_workers)):
-        replaced = [issue for issue in target.get("issues", ()) if REPLACED in issue]
-        if replaced:  # the dataset handed over the next image instead: it gets its own turn
-            name = dataset.file_names[index] if hasattr(dataset, "file_names") else f"index {index}"
-            warnings.warn(f"{name}: not evaluated, it could not be loaded ({'; '.join(replaced)})", stacklevel=2)
-            skipped.append(name)
-        else:
-            results += instances_to_coco(predict(image), target["image_id"], category_ids)
+    for batch, items in zip(batches, _load(dataset, batches, num_workers)):
+        keep = []
+        for index, (image, target) in zip(batch, items):
+            replaced = [issue for issue in target.get("issues", ()) if REPLACED in issue]
+            if replaced:  # the dataset handed over the next image instead: it gets its own turn
+                name = dataset.file_names[index] if hasattr(dataset, "file_names") else f"index {index}"
+                warnings.warn(f"{name}: not evaluated, it could not be loaded ({'; '.join(replaced)})", stacklevel=2)
+                skipped.append(name)
+            else:
+                keep.append((image, target))
+        outputs = predict([image for image, _ in keep]) if keep else []
+        for (_, target), output in zip(keep, outputs):
+            results += instances_to_coco(output, target["image_id"], category_ids)
             image_ids.append(int(target["image_id"]))
-        bar.update(1)
+        bar.update(len(batch))
     seconds = time.perf_counter() - start
     bar.close()
     info = {"image_ids": image_ids, "skipped": skipped, "images": len(image_ids), "seconds": seconds,
@@ -58,29 +75,37 @@ def inference_on_dataset(predict, dataset, category_ids, rank=0, world_size=1, p
     return results, info
 
 
-def _load(dataset, indices, num_workers):
-    """(image, target) for each index, in order; decoded by DataLoader workers when asked."""
+def make_batches(indices, batch_size, key=None):
+    """``indices`` in batches of up to ``batch_size``, each of one ``key(index)``, in the order of their
+    first image; a key's last batch may be smaller. Batch 1 keeps the order of ``indices``."""
+    if batch_size <= 1:
+        return [[i] for i in indices]
+    groups = defaultdict(list)
+    for i in indices:
+        groups[key(i) if key else None].append(i)
+    batches = [members[j : j + batch_size] for members in groups.values() for j in range(0, len(members), batch_size)]
+    position = {index: p for p, index in enumerate(indices)}
+    return sorted(batches, key=lambda b: position[b[0]])
+
+
+def input_shape_key(test_scale, size_divisibility, image_sizes):
+    """dataset index -> the padded network-input shape of its image (from its (h, w), e.g. the
+    annotation file's), for ``make_batches``."""
+    def key(index):
+        h, w = rescale_size(*image_sizes[index], test_scale)
+        return -(-h // size_divisibility), -(-w // size_divisibility)
+    return key
+
+
+def _load(dataset, batches, num_workers):
+    """The list of (image, target) of each batch, in order; decoded by DataLoader workers when asked."""
     if num_workers <= 0:
-        return (dataset[i] for i in indices)
-    # batch_size=None: one item at a time, passed through as it is (no collation into a batch)
-    return DataLoader(_Indexed(dataset, indices), batch_size=None, num_workers=num_workers, collate_fn=_identity)
+        return ([dataset[i] for i in batch] for batch in batches)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_identity)
 
 
-class _Indexed:
-    """A view of ``dataset`` at ``indices`` (torch's Subset without its type checks)."""
-
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.dataset[self.indices[i]]
-
-
-def _identity(item):
-    return item
+def _identity(items):
+    return items
 
 
 def sort_key(result):

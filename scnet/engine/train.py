@@ -1,11 +1,12 @@
 """One training step, the learning-rate schedule, and what a checkpoint holds [impl 17].
 
 The loop that uses them is ``train`` in scripts/train.py."""
+import contextlib
 import hashlib
 import math
 import random
 from dataclasses import asdict, dataclass, field
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -26,6 +27,8 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of ``epoch`` already consumed (the resume point)
     nonfinite_steps: int = 0
     last_step_finite: bool = True  # no checkpoint is written right after a skipped step
+    best_value: Optional[float] = None  # of train.best_metric, the best evaluation so far (validation.py)
+    best_iteration: int = 0
     load_issues: List[str] = field(default_factory=list)  # reported by the dataset while loading
 
 
@@ -42,8 +45,9 @@ def learning_rate(iteration, epoch, base_lr, lr_steps, warmup_iters=500, warmup_
 
 
 def scaled_base_lr(solver, world_size):
-    """0.02 for a total batch of 16, scaled linearly with the real total batch [impl 17]."""
-    return solver.base_lr * solver.images_per_gpu * world_size / solver.base_batch_size
+    """0.02 for a total batch of 16, scaled linearly with the real total batch [impl 17]: the images of
+    one update, ``accumulate_steps`` micro-batches of ``images_per_gpu`` on each of the processes."""
+    return solver.base_lr * solver.images_per_gpu * world_size * solver.accumulate_steps / solver.base_batch_size
 
 
 def rng_state():
@@ -115,16 +119,33 @@ def set_learning_rate(optimizer, state, solver, base_lr):
 def train_step(model, optimizer, scaler, images, targets, solver, device):
     """Forward, backward and SGD step on one batch. Returns ({loss name: float}, finite).
 
-    The loss values are read into the host once, after the backward pass is queued: the step's own
+    Gradient accumulation: with ``solver.accumulate_steps`` = k the batch (k x ``images_per_gpu``
+    images) runs as k micro-batches, each loss divided by k, and one SGD step follows. Each micro-batch
+    keeps its own loss normalisers (the number of sampled anchors and RoIs, of positive RoIs for the mask
+    loss, of pixels for the semantic loss), exactly as each GPU of the official 8-GPU run normalises over
+    its own 2 images before DDP averages the gradients: k accumulated micro-batches on w processes give
+    the update of k x w processes (tests/test_accumulate.py). Under DDP only the last micro-batch
+    synchronises gradients.
+
+    The loss values are read into the host once, after the backward passes are queued: the step's own
     host-device synchronisation (the model's are listed in docs/gpu.md). It gives the log its numbers
-    and decides whether to step: when a loss is not finite on some process, no process steps (the same
-    branch everywhere; the backward runs in any case, since under DDP every process must join its
-    gradient all-reduce)."""
-    with _autocast(device, solver.amp):
-        losses = model(images, targets)
+    (the mean over the micro-batches) and decides whether to step: when a loss is not finite on some
+    process, no process steps (the same branch everywhere; the backward runs in any case, since under DDP
+    every process must join its gradient all-reduce)."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(sum(losses.values())).backward()
-    values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+    k = solver.accumulate_steps
+    size = -(-len(images) // k)
+    terms = []
+    for j in range(k):
+        part = slice(j * size, (j + 1) * size)
+        last = j == k - 1
+        no_sync = model.no_sync if not last and hasattr(model, "no_sync") else contextlib.nullcontext
+        with no_sync():
+            with _autocast(device, solver.amp):
+                losses = model(images[part], targets[part])
+            scaler.scale(sum(losses.values()) / k).backward()
+        terms.append(torch.stack([v.detach().float() for v in losses.values()]))
+    values = dict(zip(losses, (sum(terms) / k).tolist()))
     finite = dist.all_true(all(math.isfinite(v) for v in values.values()), device)
     if finite:
         if solver.clip_grad_norm > 0:
