@@ -14,6 +14,7 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "matplotlib",  # the charts of scripts/analyze.py and scripts/iou_distribution.py
     ],
     extras_require={"test": ["pytest"]},
 )

@@ -2,6 +2,11 @@
 
     python scripts/demo.py photo.jpg --cfg configs/r50_20e.yaml --weights scnet_r50_20e.pth
     python scripts/demo.py images/ --cfg configs/r50_20e.yaml --weights output/r50_20e/checkpoint.pth --out demo
+    python scripts/demo.py images/ --cfg configs/r50_20e.yaml --weights W.pth --batch-size 4
+
+A folder runs in batches of ``--batch-size`` images of one network-input shape (read from the file
+headers; the same detections as one at a time, scnet/engine/evaluate.py), decoded ahead by
+``--workers`` processes.
 
 Every .jpg/.jpeg/.png/.bmp of a folder (sorted) is read as the dataset reads images (EXIF orientation
 applied, converted to RGB). For each, ``<out>/<stem>.png`` shows the masks, boxes and labels of the
@@ -26,11 +31,12 @@ import time
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 import scnet
 from scnet.config import get_cfg
 from scnet.data.checks import DataError, LoadError, category_mapping, decode_image, load_annotation_file
+from scnet.engine.evaluate import input_shape_key, make_batches
 from scnet.utils.files import load_file, report_file_errors
 from scnet.utils.malloc import keep_freed_memory
 from scnet.utils.visualize import draw_instances
@@ -46,9 +52,15 @@ def parse_args():
     parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     parser.add_argument("--score-thresh", type=float, default=0.3, help="draw and save detections >= this")
     parser.add_argument("--categories", help="COCO annotation file whose categories name the classes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="processes decoding the images ahead (0: none)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    return parser.parse_intermixed_args()  # the overrides may follow the options
+    args = parser.parse_intermixed_args()  # the overrides may follow the options
+    if args.batch_size < 1 or args.workers < 0:
+        parser.error("--batch-size must be at least 1 and --workers at least 0")
+    return args
 
 
 def list_images(path):
@@ -122,14 +134,64 @@ def coco_results(result, keep, class_names, category_ids):
     return detections
 
 
-def timed_inference(model, image, device):
-    """The model's result for one (H, W, 3) uint8 image, and the seconds it took."""
+def header_size(path):
+    """(h, w) of an image after its EXIF orientation, from the file header alone; None if unreadable."""
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+            transposed = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    except Exception:  # reported when the image is decoded
+        return None
+    return (w, h) if transposed else (h, w)
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """``dataset[i]`` -> (image (H, W, 3) uint8 or None, the LoadError's text or None) of ``paths[i]``."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return decode_image(self.paths[i])[0], None
+        except LoadError as e:
+            return None, str(e)
+
+
+def batches_of_images(paths, batch_size, model, workers):
+    """(indices, [(image or None, error or None)]) per batch of images of one network-input shape."""
+    sizes = [header_size(p) for p in paths]
+    shape = input_shape_key(model.test_scale, model.size_divisibility, sizes)
+    batches = make_batches(list(range(len(paths))), batch_size, lambda i: shape(i) if sizes[i] else ("unread", i))
+    loader = torch.utils.data.DataLoader(DecodedImages(paths), batch_sampler=batches, num_workers=workers,
+                                         collate_fn=list)
+    return zip(batches, loader)
+
+
+def timed_inference(model, images, device):
+    """The model's results for (H, W, 3) uint8 images, and the seconds they took."""
     start = time.perf_counter()
     with torch.inference_mode():
-        result = model([image])[0]
+        results = model(images) if images else []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return result, time.perf_counter() - start
+    return results, time.perf_counter() - start
+
+
+def save_image_results(image, result, path, stem, args, class_names, category_ids):
+    """``<stem>.png`` (the drawing) and ``<stem>.json`` (the detections >= --score-thresh); a log line."""
+    start = time.perf_counter()
+    drawing = draw_instances(image, result, class_names, args.score_thresh)
+    draw_time = time.perf_counter() - start
+    Image.fromarray(drawing).save(os.path.join(args.out, f"{stem}.png"))
+    keep = torch.nonzero(result["scores"] >= args.score_thresh).flatten()
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
+        json.dump(coco_results(result, keep, class_names, category_ids), f)
+    return f"{path}: {keep.numel()} detections with score >= {args.score_thresh:g} (of {result['scores'].numel()}); " \
+           f"drawing {draw_time * 1000:.0f} ms"
 
 
 def main():
@@ -145,22 +207,16 @@ def main():
     if not paths:
         sys.exit(f"no {'/'.join(IMAGE_EXTENSIONS)} image in {args.input}")
     os.makedirs(args.out, exist_ok=True)
-    for path, stem in zip(paths, output_stems(paths)):
-        try:
-            image, _ = decode_image(path)
-        except LoadError as e:
-            print(f"{path}: skipped ({e})")
-            continue
-        result, model_time = timed_inference(model, image, device)
-        start = time.perf_counter()
-        drawing = draw_instances(image, result, class_names, args.score_thresh)
-        draw_time = time.perf_counter() - start
-        Image.fromarray(drawing).save(os.path.join(args.out, f"{stem}.png"))
-        keep = torch.nonzero(result["scores"] >= args.score_thresh).flatten()
-        with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
-            json.dump(coco_results(result, keep, class_names, category_ids), f)
-        print(f"{path}: {keep.numel()} detections with score >= {args.score_thresh:g} "
-              f"(of {result['scores'].numel()}); model {model_time * 1000:.0f} ms, drawing {draw_time * 1000:.0f} ms")
+    stems = output_stems(paths)
+    for indices, items in batches_of_images(paths, args.batch_size, model, args.workers):
+        for i, (_, error) in zip(indices, items):
+            if error:
+                print(f"{paths[i]}: skipped ({error})")
+        decoded = [(i, image) for i, (image, _) in zip(indices, items) if image is not None]
+        results, model_time = timed_inference(model, [image for _, image in decoded], device)
+        for (i, image), result in zip(decoded, results):
+            line = save_image_results(image, result, paths[i], stems[i], args, class_names, category_ids)
+            print(f"{line}; model {model_time * 1000 / len(decoded):.0f} ms per image (batch of {len(decoded)})")
     print(f"results in {args.out}")
 
 

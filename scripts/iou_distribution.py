@@ -12,7 +12,7 @@
 (b) Inference: the model in eval mode on the first N images of the val split (original sizes). Each
     detection with score >= --score-thresh counts with its IoU to the best GT box of its class (0 when
     there is none): the final detections are what the mask branch sees at test time.
-(c) One PNG with the three histograms (bins of 0.05 on [0.5, 1] as in the paper; bar = % of all the
+(c) One PNG (matplotlib) with the three histograms (bins of 0.05 on [0.5, 1] as in the paper; bar = % of all the
     samples of that panel), the percentages of samples with IoU < 0.5 / 0.6 / 0.7 / 0.75 in red on the
     charts and on stdout, and a JSON next to the PNG with the raw numbers.
 """
@@ -22,17 +22,19 @@ import json
 import os
 import random
 
-import numpy as np
-import torch
-from PIL import Image
+import matplotlib
 
-import scnet
-from scnet.config import get_cfg
-from scnet.data.build import build_train_dataset
-from scnet.data.coco import CocoDataset
-from scnet.ops.boxes import box_iou
-from scnet.utils.files import report_file_errors
-from scnet.utils.visualize import draw_histogram
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import scnet  # noqa: E402
+from scnet.config import get_cfg  # noqa: E402
+from scnet.data.build import build_train_dataset  # noqa: E402
+from scnet.data.coco import CocoDataset  # noqa: E402
+from scnet.ops.boxes import box_iou  # noqa: E402
+from scnet.utils.files import report_file_errors  # noqa: E402
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.75)  # the red percentages of the paper's Figure 1
 BIN_EDGES = np.round(np.linspace(0.5, 1.0, 11), 2)  # bins of 0.05, as in the paper
@@ -128,13 +130,22 @@ def _percent(value):
     return "n/a" if value is None else f"{value:.1f}%"
 
 
-def draw_panel(summary, title, colour, description):
+def plot_panel(ax, summary, title, colour, description):
+    """One histogram: bars of % of the samples per IoU bin, a dashed line at each threshold with the % of
+    the samples below it in red, the sample count and what the samples are under the axis."""
     below = summary["percent_below"]
-    markers = [(t, _percent(below[f"{t:g}"])) for t in THRESHOLDS]
-    notes = [description, f"n = {summary['num_samples']}; IoU < 0.5: {_percent(below['0.5'])} (left of the axis)",
-             "red: % of the samples with an IoU below the dashed line"]
-    return draw_histogram(summary["histogram_percent"], BIN_EDGES, title=title, xlabel="IoU with the ground truth",
-                          ylabel="% of samples", markers=markers, notes=notes, size=(560, 420), colour=colour)
+    heights = summary["histogram_percent"]
+    ax.bar(BIN_EDGES[:-1], heights, width=np.diff(BIN_EDGES), align="edge", color=np.array(colour) / 255,
+           edgecolor="white", linewidth=0.5)
+    top = max(max(heights, default=0), 1.0) * 1.25
+    for t in THRESHOLDS:
+        ax.axvline(t, color="#dc1414", linestyle="--", linewidth=1)
+        ax.text(t + 0.005, top * 0.97, _percent(below[f"{t:g}"]), color="#dc1414", fontsize=9, va="top")
+    ax.set(xlim=(BIN_EDGES[0], BIN_EDGES[-1]), ylim=(0, top), title=title, xlabel="IoU with the ground truth",
+           ylabel="% of samples")
+    ax.text(0.0, -0.2, f"{description}\nn = {summary['num_samples']}; IoU < 0.5: {_percent(below['0.5'])} "
+            "(left of the axis)\nred: % of the samples with an IoU below the dashed line",
+            transform=ax.transAxes, fontsize=8, va="top")
 
 
 def print_table(summaries):
@@ -173,9 +184,13 @@ def main():
         "training_with_sample_consistency": f"positives of the last stage, {num_train} train images",
         "inference": f"detections with score >= {args.score_thresh:g}, {num_val} val images",
     }
-    panels = [draw_panel(summaries[key], title, colour, descriptions[key]) for key, title, colour in PANELS]
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5.6 * len(PANELS), 5.2))
+    for ax, (key, title, colour) in zip(axes, PANELS):
+        plot_panel(ax, summaries[key], title, colour, descriptions[key])
+    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Image.fromarray(np.concatenate(panels, axis=1)).save(args.out)
+    fig.savefig(args.out, dpi=100)
+    plt.close(fig)
     report = {"weights": args.weights, "num_images": {"train": num_train, "val": num_val},
               "score_thresh": args.score_thresh, "thresholds": list(THRESHOLDS), "bin_edges": BIN_EDGES.tolist(),
               "distributions": {key: dict(summaries[key], description=descriptions[key]) for key in summaries}}

@@ -81,6 +81,26 @@ def test_demo_writes_a_drawing_and_coco_detections_per_image(data_root, checkpoi
             assert mask_util.decode(rle).shape == size
 
 
+def test_demo_batches_of_a_folder_give_the_detections_of_one_at_a_time(data_root, checkpoint, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed, (h, w) in enumerate([(101, 133), (120, 90), (101, 133), (101, 133), (120, 90)]):
+        Image.fromarray(synthetic_sample(h, w, 2, seed=seed)[0].permute(1, 2, 0).numpy()).save(images / f"{seed}.png")
+    (images / "5.jpg").write_bytes(b"not a jpeg")
+    args = ["--weights", checkpoint, "--score-thresh", "0", *TINY, *SEMANTIC, *_data_overrides(data_root)]
+    one = _run("demo.py", str(images), "--out", str(tmp_path / "one"), "--workers", "0", *args)
+    batched = _run("demo.py", str(images), "--out", str(tmp_path / "batched"), "--batch-size", "3", *args)
+    assert "5.jpg: skipped (unreadable image" in batched and "(batch of 3)" in batched and "(batch of 2)" in batched
+    assert "(batch of 1)" in one
+    for seed in range(5):
+        a = json.loads((tmp_path / "one" / f"{seed}.json").read_text())
+        b = json.loads((tmp_path / "batched" / f"{seed}.json").read_text())
+        assert len(a) == len(b) > 0
+        for x, y in zip(sorted(a, key=lambda d: d["bbox"]), sorted(b, key=lambda d: d["bbox"])):
+            assert x["category_id"] == y["category_id"] and abs(x["score"] - y["score"]) <= 1.1e-4
+            assert max(abs(u - v) for u, v in zip(x["bbox"], y["bbox"])) <= 0.011  # rounded to 0.01 px
+
+
 def test_iou_distribution_end_to_end(data_root, checkpoint, tmp_path):
     out = tmp_path / "charts" / "iou.png"
     stdout = _run("iou_distribution.py", "--weights", checkpoint, "--num-images", "3", "--out", str(out),
@@ -134,3 +154,33 @@ def test_best_same_class_iou():
     np.testing.assert_allclose(ious, [1.0, 0.5, 0.0])  # the class-1 GT does not count for class-0 boxes
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     np.testing.assert_allclose(tool.best_same_class_ious(result, empty, 0.05), [0.0, 0.0, 0.0])
+
+
+def test_browse_data_draws_the_training_view(data_root, tmp_path):
+    from scnet.config import get_cfg
+    from scnet.data.build import build_train_dataset
+
+    overrides = [*TINY, *SEMANTIC, *_data_overrides(data_root)]
+    out = tmp_path / "browse"
+    stdout = _run("browse_data.py", "--num-images", "2", "--flip", "all", "--out", str(out), *overrides)
+    assert sorted(os.listdir(out)) == ["00000_000001.png", "00001_000002.png"] and stdout.count(", flipped;") == 2
+    dataset = build_train_dataset(get_cfg(None, overrides))
+    image, target = dataset[(0, True)]  # what training sees: resized to 160x128, flipped
+    h, w = image.shape[1:]
+    picture = np.asarray(Image.open(out / "00000_000001.png"))
+    assert picture.shape[1] == 2 * w + 8 and picture.shape[0] > h  # two panels; the legend under the second
+    instances, semantic = picture[:h, :w], picture[:h, w + 8:]
+    raw = image.permute(1, 2, 0).numpy()
+    masks = target["masks"].numpy().astype(bool)
+    near_boxes = np.zeros((h, w), bool)
+    for x1, y1, x2, y2 in target["boxes"].round().int().tolist():
+        near_boxes[max(y1 - 20, 0):y2 + 3, max(x1 - 3, 0):x2 + 3] = True  # the box, its outline and label
+    assert (instances[~near_boxes] == raw[~near_boxes]).all()  # untouched away from the instances
+    assert (instances[masks.any(0)] != raw[masks.any(0)]).any(axis=1).mean() > 0.9  # the masks are painted
+    ignored = target["semantic_seg"].numpy() == 255
+    assert ignored.any() and (semantic[ignored] == 0).all() and (semantic[~ignored] != 0).any(axis=1).all()
+
+    stdout = _run("browse_data.py", "--split", "val", "--num-images", "1", "--out", str(tmp_path / "val"), *overrides)
+    original = Image.open(os.path.join(data_root, "val", "000001.jpg"))
+    assert np.asarray(Image.open(tmp_path / "val" / "00000_000001.png")).shape == (*original.size[::-1], 3)
+    assert "flipped" not in stdout

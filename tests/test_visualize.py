@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from scnet.utils.visualize import PALETTE, blend_masks, draw_histogram, draw_instances, font_size_for, nice_ticks
+from scnet.utils.visualize import PALETTE, blend_masks, draw_instances, font_size_for
 
 from conftest import synthetic_sample
 
@@ -109,24 +109,3 @@ def test_blend_masks_empty_mask_and_no_outline():
     assert (canvas == GREY).all()
     blend_masks(canvas, [_box_mask(20, 30, 5, 5, 15, 15)], PALETTE[:1], alpha=1.0, outline=0)
     assert (canvas[5:15, 5:15] == PALETTE[0]).all() and (canvas[:5] == GREY).all()
-
-
-def test_nice_ticks():
-    assert nice_ticks(37.5) == [0, 10, 20, 30, 40]
-    assert nice_ticks(1.2) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2])
-    assert nice_ticks(100) == [0, 20, 40, 60, 80, 100]
-
-
-def test_histogram_image_has_bars_and_red_annotations():
-    edges = np.round(np.linspace(0.5, 1.0, 11), 2)
-    heights = [1, 2, 3, 5, 8, 13, 10, 7, 4, 2]
-    colour = (67, 99, 216)
-    chart = draw_histogram(heights, edges, title="IoU", xlabel="IoU", ylabel="%", markers=[(0.7, "12.5%")],
-                           notes=["n = 55"], size=(400, 300), colour=colour)
-    assert chart.shape == (300, 400, 3) and chart.dtype == np.uint8
-    bar_pixels = (chart == colour).all(axis=2)
-    assert bar_pixels.sum() > 2000
-    red = (chart[..., 0] > 180) & (chart[..., 1] < 80) & (chart[..., 2] < 80)
-    assert red.sum() > 50
-    with pytest.raises(ValueError, match="edges"):
-        draw_histogram(heights, edges[:-1])

@@ -1,4 +1,4 @@
-"""Drawing with numpy + PIL only: detections over an image, and the bar charts of the IoU tool.
+"""Drawing detections over an image, with numpy + PIL (the charts of the scripts use matplotlib).
 
     canvas = draw_instances(image, model([image])[0], dataset.class_names)   # (H, W, 3) uint8
     Image.fromarray(canvas).save("detections.png")
@@ -25,7 +25,6 @@ PALETTE = np.array(
     dtype=np.uint8,
 )
 MASK_ALPHA = 0.5
-CHART_RED = (220, 20, 20)
 
 
 @functools.lru_cache(maxsize=32)
@@ -140,7 +139,7 @@ def _draw_label(draw, text, box, colour, font, image_size):
     return x, y, x + label_w, y + label_h
 
 
-def draw_instances(image, result, class_names, score_thresh=0.3, alpha=MASK_ALPHA):
+def draw_instances(image, result, class_names, score_thresh=0.3, alpha=MASK_ALPHA, show_scores=True):
     """Masks, boxes and "name 0.87" labels of the detections with score >= ``score_thresh``.
 
     Args:
@@ -148,6 +147,7 @@ def draw_instances(image, result, class_names, score_thresh=0.3, alpha=MASK_ALPH
         result: the model's dict for this image: ``boxes`` (D, 4) xyxy, ``scores`` (D,), ``labels``
             (D,) 0-based, optional ``masks`` (D, H, W) bool (tensors or arrays).
         class_names: names indexed by label; a label past its end is shown as "class_<label>".
+        show_scores: False for ground truth (``scores`` all 1): the labels are the names alone.
     Returns:
         (H, W, 3) uint8 array. Each instance has its own palette colour (by detection rank, so two
         neighbouring objects of one class differ); larger objects are painted first so that small
@@ -170,111 +170,6 @@ def draw_instances(image, result, class_names, score_thresh=0.3, alpha=MASK_ALPH
     font = get_font(font_size_for(height, width))
     for i in order:
         name = class_names[labels[i]] if 0 <= labels[i] < len(class_names) else f"class_{labels[i]}"
-        _draw_label(draw, f"{name} {scores[i]:.2f}", boxes[i].round().astype(int).tolist(), colours[i], font,
-                    (height, width))
+        text = f"{name} {scores[i]:.2f}" if show_scores else name
+        _draw_label(draw, text, boxes[i].round().astype(int).tolist(), colours[i], font, (height, width))
     return np.array(canvas)
-
-
-# --- charts ------------------------------------------------------------------------------------------
-def nice_ticks(upper, max_ticks=6):
-    """Ticks 0, s, 2s, ... covering ``upper``, with s = 1, 2 or 5 x 10^k (at most ``max_ticks`` + 1)."""
-    upper = max(float(upper), 1e-9)
-    for exponent in range(math.floor(math.log10(upper / max_ticks)), 100):
-        for base in (1, 2, 5):
-            step = base * 10.0**exponent
-            if math.ceil(upper / step - 1e-9) <= max_ticks:
-                return [step * i for i in range(math.ceil(upper / step - 1e-9) + 1)]
-    return [0.0, upper]
-
-
-def _text(draw, xy, text, font, fill, anchor="lt"):
-    """``draw.text`` with an anchor ("l"/"m"/"r" then "t"/"m"/"b") that the bitmap fallback font lacks."""
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    x = xy[0] - left - {"l": 0, "m": (right - left) / 2, "r": right - left}[anchor[0]]
-    y = xy[1] - top - {"t": 0, "m": (bottom - top) / 2, "b": bottom - top}[anchor[1]]
-    draw.text((x, y), text, fill=fill, font=font)
-    return x + left, y + top, x + right, y + bottom
-
-
-def _format_tick(value):
-    return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
-
-
-def _draw_axes(draw, plot, edges, ticks, fonts, value_suffix):
-    """Axis lines, x ticks at the bin edges (every other one when crowded), y ticks with grid lines."""
-    left, top, right, bottom = plot
-    small = fonts["tick"]
-    to_x = lambda v: left + (v - edges[0]) / (edges[-1] - edges[0]) * (right - left)  # noqa: E731
-    to_y = lambda v: bottom - v / ticks[-1] * (bottom - top)  # noqa: E731
-    for value in ticks:
-        y = to_y(value)
-        draw.line([left, y, right, y], fill=(225, 225, 225))
-        draw.line([left - 4, y, left, y], fill=(0, 0, 0))
-        _text(draw, (left - 6, y), _format_tick(value) + value_suffix, small, (0, 0, 0), "rm")
-    label_w = max(draw.textlength(_format_tick(e), font=small) for e in edges)
-    every = 1 if label_w + 6 < (right - left) / (len(edges) - 1) else 2
-    for k, value in enumerate(edges):
-        x = to_x(value)
-        draw.line([x, bottom, x, bottom + 4], fill=(0, 0, 0))
-        if k % every == 0:
-            _text(draw, (x, bottom + 6), _format_tick(value), small, (0, 0, 0), "mt")
-    draw.line([left, top, left, bottom, right, bottom], fill=(0, 0, 0), width=1)
-    return to_x, to_y
-
-
-def _draw_markers(draw, markers, to_x, plot, font):
-    """Red dashed verticals at each x with its text near the top, staggered in rows when they overlap."""
-    left, top, right, bottom = plot
-    row_ends = []
-    for x_value, text in markers:
-        x = to_x(x_value)
-        for y in range(int(top), int(bottom), 8):
-            draw.line([x, y, x, min(y + 4, bottom)], fill=CHART_RED)
-        width = draw.textlength(text, font=font)
-        x0 = min(max(x - width / 2, left + 2), right - width - 2)
-        row = next((r for r, end in enumerate(row_ends) if x0 > end + 4), len(row_ends))
-        row_ends[row:row + 1] = [x0 + width]
-        line_h = draw.textbbox((0, 0), "0%", font=font)[3] + 4
-        box = draw.textbbox((x0, top + 3 + row * line_h), text, font=font)
-        draw.rectangle([box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1], fill=(255, 255, 255))
-        _text(draw, box[:2], text, font, CHART_RED)
-
-
-def draw_histogram(heights, edges, title="", xlabel="", ylabel="", markers=(), notes=(), size=(520, 400),
-                   colour=(67, 99, 216), value_suffix="%"):
-    """A bar chart of pre-binned values as an (H, W, 3) uint8 image (save it with PIL).
-
-    Args:
-        heights: (B,) bar heights; edges: (B + 1,) increasing bin edges (the x axis).
-        markers: (x, text) pairs: a red dashed line at x with the red text near the top of the plot.
-        notes: legend lines printed under the title (sample counts, what is left off the axis).
-        size: (width, height) in pixels; value_suffix: appended to the y tick labels.
-    """
-    width, height = size
-    heights, edges = np.asarray(heights, dtype=np.float64), np.asarray(edges, dtype=np.float64)
-    if edges.shape != (heights.size + 1,) or np.any(np.diff(edges) <= 0):
-        raise ValueError(f"need {heights.size + 1} increasing edges for {heights.size} bars, got {edges.tolist()}")
-    base = max(11, round(height / 32))
-    fonts = {"title": get_font(base + 3), "tick": get_font(base - 1), "text": get_font(base)}
-    pil = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(pil)
-    line_h = base + 4
-    y = 6
-    _text(draw, (width / 2, y), title, fonts["title"], (0, 0, 0), "mt")
-    y += line_h + 4
-    for line in notes:
-        _text(draw, (width / 2, y), line, fonts["text"], (60, 60, 60), "mt")
-        y += line_h
-    plot = (round(base * 4.5), y + 6, width - base, height - 2 * line_h - 10)
-    ticks = nice_ticks(heights.max() * 1.25 if heights.size and heights.max() > 0 else 1.0)
-    to_x, to_y = _draw_axes(draw, plot, edges, ticks, fonts, value_suffix)
-    for value, lo, hi in zip(heights, edges[:-1], edges[1:]):
-        if value > 0:
-            draw.rectangle([to_x(lo) + 1, to_y(value), to_x(hi) - 1, plot[3] - 1], fill=colour, outline=(20, 20, 20))
-    _draw_markers(draw, markers, to_x, plot, fonts["text"])
-    _text(draw, ((plot[0] + plot[2]) / 2, height - 4), xlabel, fonts["text"], (0, 0, 0), "mb")
-    if ylabel:
-        label = Image.new("RGB", (plot[3] - plot[1], line_h), (255, 255, 255))
-        _text(ImageDraw.Draw(label), (label.width / 2, 0), ylabel, fonts["text"], (0, 0, 0), "mt")
-        pil.paste(label.rotate(90, expand=True), (2, plot[1]))
-    return np.array(pil)
