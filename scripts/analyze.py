@@ -9,12 +9,16 @@ For each IoU type (bbox, segm), into ``--out`` (default: an ``analysis`` folder 
   <type>_breakdown_per_category.png  the same for each category (all sizes)
   <type>_pr_curves.png               per-category precision-recall at IoU 0.5 and 0.75
   <type>_confusion.png               class confusion at IoU 0.5 for detections >= --score-thresh: rows the
-                                     true class (+ background: a detection on no object), columns the
-                                     detected class (+ missed), each row normalised, counts written in
+                                     true class (+ background: a detection that found no object, on the
+                                     background or a duplicate), columns the detected class (+ missed),
+                                     each row normalised, counts written in
 and ``analysis.md`` (tables: the breakdown per size, and per category its breakdown with true positives,
 false positives, misses, precision and recall at --score-thresh) with the same numbers in ``analysis.json``.
 Read the breakdown as the AP gained by removing one kind of error: Loc - C50 is localisation, Oth - Loc
 confusion between classes, BG - Oth false positives on background, FN - BG missed objects.
+
+Every image of ANN is evaluated, an image without detections counting as all missed (as in eval.py);
+``--max-images N`` takes the first N images of ANN, for results of ``eval.py --max-images N``.
 """
 import argparse
 import json
@@ -46,6 +50,8 @@ def parse_args():
     parser.add_argument("ann", help="the ground-truth COCO annotation JSON")
     parser.add_argument("--out", help="output folder (default: <folder of RESULTS>/analysis)")
     parser.add_argument("--iou-types", nargs="+", choices=("bbox", "segm"), default=["bbox", "segm"])
+    parser.add_argument("--max-images", type=int, default=0,
+                        help="analyse the first N images of ANN only, as eval.py --max-images (0: all)")
     parser.add_argument("--score-thresh", type=float, default=0.3,
                         help="detections counted in the confusion matrix and the precision/recall columns")
     return parser.parse_args()
@@ -191,14 +197,23 @@ def main():
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.results)), "analysis")
     os.makedirs(out, exist_ok=True)
     names = [c["name"] for c in coco_gt.loadCats(sorted(coco_gt.getCatIds()))]
+    image_ids = [image["id"] for image in coco_gt.dataset["images"]]  # the file's order, as eval.py's
+    if args.max_images:
+        image_ids = image_ids[: args.max_images]
+        selected = set(image_ids)
+        results = [r for r in results if r["image_id"] in selected]
+    with_detections = len({r["image_id"] for r in results})
+    if with_detections < len(image_ids):
+        print(f"warning: {len(image_ids) - with_detections} of the {len(image_ids)} images have no detection: "
+              "their objects count as missed (--max-images N if the results cover the first N only)")
     report = {}
     for iou_type in args.iou_types:
         if iou_type == "segm" and results and "segmentation" not in results[0]:
             print("segm: the results have no masks; skipped")
             continue
-        print(f"{iou_type}: {len(results)} detections on {len(coco_gt.getImgIds())} images, {len(names)} categories")
-        breakdown = error_breakdown(coco_gt, results, iou_type)
-        matrix = confusion_matrix(coco_gt, results, iou_type, 0.5, args.score_thresh)
+        print(f"{iou_type}: {len(results)} detections on {len(image_ids)} images, {len(names)} categories")
+        breakdown = error_breakdown(coco_gt, results, iou_type, image_ids)
+        matrix = confusion_matrix(coco_gt, results, iou_type, 0.5, args.score_thresh, image_ids)
         plot_breakdown(breakdown, names, iou_type, out)
         plot_pr_curves(breakdown, names, iou_type, out)
         plot_confusion(matrix, names, iou_type, args.score_thresh, out)

@@ -66,10 +66,10 @@ def semantic_panel(image, semantic, name_of):
     grey = np.repeat(image.mean(axis=2, keepdims=True), 3, axis=2) * 0.5 + 64
     values = sorted(int(v) for v in np.unique(semantic))
     colours = np.zeros((256, 3), np.float64)  # by rank among the labels present: neighbours differ
-    for rank, v in enumerate(v for v in values if v != IGNORED and name_of(v) != "background"):
+    labels = [v for v in values if v != IGNORED]
+    for rank, v in enumerate(v for v in labels if name_of(v) != "background"):
         colours[v] = PALETTE[rank % len(PALETTE)]
-    if "background" in map(name_of, values):
-        colours[[v for v in values if name_of(v) == "background"]] = BACKGROUND
+    colours[[v for v in labels if name_of(v) == "background"]] = BACKGROUND
     painted = np.where((semantic == IGNORED)[..., None], 0, 0.35 * grey + 0.65 * colours[semantic])
     height, width = semantic.shape
     font = get_font(font_size_for(height, width))

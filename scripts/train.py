@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import scnet
 from scnet.config import Config, dump, flatten, get_cfg, to_dict
-from scnet.data.build import build_train_dataset, build_train_loader
+from scnet.data.build import build_train_dataset, build_train_loader, ignoring_signals
 from scnet.engine import dist
 from scnet.engine.checkpoint import all_finite, list_checkpoints, resolve_resume, save_checkpoint
 from scnet.engine.compile import compile_dense_parts
@@ -184,9 +184,10 @@ def set_up(args):
         logger = TrainLogger(output_dir, total_iters, state.iteration, cfg.train.log_period, dist.is_main_process())
     except OSError as e:
         raise FileError(f"cannot write the logs in {output_dir}: {write_failure(e, output_dir)}") from None
-    evaluation = build_periodic_evaluation(cfg, output_dir)
-    if state.best_value is not None:
-        log(f"best {cfg.train.best_metric} so far: {state.best_value:.4f} at iteration {state.best_iteration}")
+    evaluation = build_periodic_evaluation(cfg, output_dir, dataset.category_ids,
+                                           ignoring_signals(parse_signals(cfg.train.stop_signals)))
+    if evaluation:
+        evaluation.restore_best(state, log)
     run = Run(cfg, device, output_dir, wrapped, model, optimizer, scaler, loader, logger, base_lr, total_iters,
               evaluation, lock)
     return run, state, dataset
@@ -227,9 +228,11 @@ def train_epoch(run, state, stop):
         run.logger.record(state.iteration, state.epoch, losses, lr, time.time() - end, data_time, run.device)
         if state.batch_in_epoch == iters_per_epoch:  # a checkpoint from here resumes with the next epoch
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        if run.evaluation and run.evaluation.due(state, run.total_iters):  # collective; before the checkpoint,
-            run.evaluation(run.module, run.device, state, run.logger)      # which then holds the best so far
         stop_signal = stop.agreed(run.device)  # collective: every process stops at this iteration
+        # collective; before the checkpoint, which then holds the best so far; not when stopping (a
+        # scheduler's grace period may be shorter than an evaluation)
+        if run.evaluation and not stop_signal and run.evaluation.due(state, run.total_iters):
+            run.evaluation(run.module, run.device, state, run.logger)
         if stop_signal or (period and state.iteration % period == 0) or state.batch_in_epoch == 0 or \
                 state.iteration == run.total_iters:
             save_checkpoint_if_good(run, state)

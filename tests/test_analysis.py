@@ -45,6 +45,24 @@ def test_breakdown_matches_cocoeval_and_removes_errors_in_order(shapes):
             assert row["Loc"] <= row["Sim"] <= row["Oth"] <= row["BG"] <= row["FN"] == 1.0
 
 
+def test_mask_scores_zero_detections_and_a_subset_of_images(shapes):
+    """segm ranks by Mask Scoring R-CNN's mask_score, as evaluate() does; no detection at all is AP 0."""
+    _, ann, coco, results = shapes
+    rescored = [dict(r, mask_score=(i * 7919 % 1000) / 1000) for i, r in enumerate(results)]
+    overall = breakdown_table(error_breakdown(coco, rescored, "segm"), coco)["overall"]
+    metrics = evaluate(ann, rescored, ["segm"])["segm"]
+    assert overall["C50"] == pytest.approx(metrics["AP50"], abs=1e-9)
+    assert overall["C50"] != pytest.approx(breakdown_table(error_breakdown(coco, results, "segm"), coco)["overall"]["C50"])
+    empty = breakdown_table(error_breakdown(coco, [], "segm"), coco)["overall"]
+    assert empty["C75"] == empty["C50"] == empty["Oth"] == empty["BG"] == 0 and empty["FN"] == 1
+    assert confusion_matrix(coco, [], "bbox")[:-1, -1].sum() == sum(1 for a in coco.dataset["annotations"]
+                                                                     if not a["iscrowd"])
+    first = sorted(coco.getImgIds())[:4]
+    subset = [r for r in results if r["image_id"] in first]
+    overall = breakdown_table(error_breakdown(coco, subset, "bbox", first), coco)["overall"]
+    assert overall["C50"] == pytest.approx(evaluate(ann, subset, ["bbox"], image_ids=first)["bbox"]["AP50"])
+
+
 def test_ground_truth_as_detections_loses_nothing(shapes):
     _, _, coco, _ = shapes
     perfect = gt_as_predictions(coco, sorted(coco.getCatIds()))
@@ -126,3 +144,8 @@ def test_analyze_script_writes_plots_and_tables(shapes, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "analyze.py"), str(bad), ann],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and f"error: {bad}: not a readable JSON file" in proc.stderr
+    subset = tmp_path / "subset.json"
+    subset.write_text(json.dumps([r for r in results if r["image_id"] == results[0]["image_id"]]))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "analyze.py"), str(subset), ann,
+                           "--iou-types", "bbox"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "warning: 11 of the 12 images have no detection" in proc.stdout

@@ -8,10 +8,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import scnet
+from scnet.config import get_cfg
 from scnet.data.coco import CocoDataset
 from scnet.engine import validation
 from scnet.engine.train import TrainState
-from scnet.engine.validation import PeriodicEvaluation
+from scnet.engine.validation import PeriodicEvaluation, build_periodic_evaluation
+from scnet.utils.files import FileError, save_file
 
 from conftest import TINY, shapes_dataset
 from test_train import _log, _run, _torchrun
@@ -53,13 +55,14 @@ def test_every_period_in_all_three_sinks_and_model_best_is_the_best_period(data_
     result = _run(_overrides(data_dir, "solver.epochs=3", "solver.images_per_gpu=2"), out)
     assert result.returncode == 0, result.stderr[-3000:]
     evals, p = _evals(out), _per_epoch(result.stdout)
-    assert [(r["iteration"], r["epoch"]) for r in evals] == [(p, 1), (2 * p, 2), (3 * p, 3)]
+    assert [(r["iteration"], r["epochs_done"]) for r in evals] == [(p, 1), (2 * p, 2), (3 * p, 3)]
     for record in evals:
         assert record["eval_images"] == 4
         for iou_type in ("bbox", "segm"):
             assert 0 <= record["eval"][iou_type]["AP"] <= 1
             assert set(record["eval"][iou_type]["per_category"]) == {"rectangle", "ellipse", "triangle"}
-        assert f"eval epoch {record['epoch']} iter {record['iteration']} (4 images): bbox AP " in result.stdout
+        assert f"eval at iteration {record['iteration']} ({record['epochs_done']} epochs done, 4 images): bbox AP " \
+            in result.stdout
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     for tag in ("val/bbox/AP", "val/segm/AP", "val/segm/AP50"):
@@ -74,7 +77,10 @@ def test_every_period_in_all_three_sinks_and_model_best_is_the_best_period(data_
 
 
 def test_resumed_run_keeps_the_best_and_evaluation_does_not_change_training(data_dir, tmp_path):
-    common = _overrides(data_dir, "solver.epochs=3", "solver.images_per_gpu=2", "train.best_metric=bbox.AP50")
+    # one decoding worker: creating its DataLoader draws from the global random generator, which the RoI
+    # sampling of training uses; the evaluation must restore it
+    common = _overrides(data_dir, "solver.epochs=3", "solver.images_per_gpu=2", "train.best_metric=bbox.AP50",
+                        "data.num_workers=1")
     first = _run(common + ["solver.max_iters=5"], tmp_path / "run")  # the first epoch's, and the final at 5
     assert first.returncode == 0, first.stderr[-3000:]
     p = _per_epoch(first.stdout)
@@ -137,3 +143,28 @@ def test_model_best_follows_the_metric_not_the_last_evaluation(data_dir, tmp_pat
     assert saved == [1, 2, 2, 2] and (state.best_value, state.best_iteration) == (0.3, 2)
     best = torch.load(tmp_path / "model_best.pth", weights_only=False)["model"]
     assert (best["rpn.head.conv.weight"] == 2).all()
+
+
+def test_resume_takes_a_newer_model_best_and_a_new_metric_starts_anew(data_dir, tmp_path):
+    cfg = get_cfg(None, _overrides(data_dir))
+    evaluation = build_periodic_evaluation(cfg, str(tmp_path), [2, 5, 8])
+    save_file({"model": {}, "metric": "segm.AP", "value": 0.4, "iteration": 12}, str(tmp_path / "model_best.pth"))
+    state = TrainState(best_metric="segm.AP", best_value=0.3, best_iteration=8)  # the checkpoint's, older
+    evaluation.restore_best(state, print)
+    assert (state.best_value, state.best_iteration) == (0.4, 12)
+    state = TrainState(best_metric="bbox.AP", best_value=0.9, best_iteration=8)  # measured by another metric
+    evaluation.restore_best(state, print)
+    assert (state.best_metric, state.best_value, state.best_iteration) == ("segm.AP", 0.4, 12)
+    cfg.train.best_metric = "bbox.AP"
+    state = TrainState(best_metric="segm.AP", best_value=0.4, best_iteration=12)
+    build_periodic_evaluation(cfg, str(tmp_path), [2, 5, 8]).restore_best(state, print)
+    assert (state.best_metric, state.best_value) == ("bbox.AP", None)
+
+
+def test_a_val_split_that_does_not_fit_stops_at_start(data_dir, tmp_path):
+    cfg = get_cfg(None, _overrides(data_dir))
+    with pytest.raises(FileError, match="are not the training set's"):
+        build_periodic_evaluation(cfg, str(tmp_path), [1, 2, 3])
+    cfg.data.val_annotations = "annotations/missing.json"
+    with pytest.raises(FileError, match="needs the validation split: annotation file not found.*train.eval_period=0"):
+        build_periodic_evaluation(cfg, str(tmp_path), [2, 5, 8])

@@ -97,8 +97,13 @@ def build_train_loader(dataset, batch_size, num_replicas=1, rank=0, seed=0, flip
         num_workers=num_workers,
         generator=generator,
         persistent_workers=False,
-        worker_init_fn=functools.partial(_ignore_signals, tuple(worker_ignored_signals)),
+        worker_init_fn=ignoring_signals(worker_ignored_signals),
     )
+
+
+def ignoring_signals(numbers):
+    """A DataLoader ``worker_init_fn`` that makes the worker ignore these signals."""
+    return functools.partial(_ignore_signals, tuple(numbers))
 
 
 def _ignore_signals(numbers, worker_id):

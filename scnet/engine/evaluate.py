@@ -6,8 +6,9 @@ handles the dataset indices rank, rank + world_size, ... and turns each image's 
 result dicts at once: 100 full-size masks per image would not fit in memory for 5000 images, their
 RLEs do.
 
+    key = input_shape_key(model.test_scale, model.size_divisibility, dataset.image_sizes)
     results, info = inference_on_dataset(model, dataset, dataset.category_ids, dist.get_rank(),
-                                         dist.get_world_size(), batch_size=4, batch_key=input_shape_key(model, dataset))
+                                         dist.get_world_size(), batch_size=4, batch_key=key)
     results = gather_results(results)    # rank 0: everything, in a fixed order; other ranks: []
 
 Batches hold images of one padded network-input shape (``batch_key``): padding an image to a larger
@@ -30,7 +31,7 @@ REPLACED = "replaced by"  # CocoDataset's action for an image it could not load 
 
 
 def inference_on_dataset(predict, dataset, category_ids, rank=0, world_size=1, progress=True, indices=None,
-                         num_workers=0, batch_size=1, batch_key=None):
+                         num_workers=0, batch_size=1, batch_key=None, worker_init_fn=None):
     """Run ``predict`` on this process's share of ``dataset``; COCO result dicts and timing.
 
     Args:
@@ -41,7 +42,8 @@ def inference_on_dataset(predict, dataset, category_ids, rank=0, world_size=1, p
         category_ids: contiguous label -> COCO category id.
         indices: the dataset indices to run on (default all); this process takes every
             ``world_size``-th of them from position ``rank``.
-        num_workers: DataLoader processes that decode the images ahead (0: in this process).
+        num_workers: DataLoader processes that decode the images ahead (0: in this process), each
+            starting with ``worker_init_fn``.
         batch_size: images per call of ``predict``; batch_key: dataset index -> a key, batches hold
             images of one key only (``input_shape_key``).
     Returns ``(results, info)``: ``info`` holds ``image_ids`` (the images predicted), ``skipped``
@@ -53,7 +55,7 @@ def inference_on_dataset(predict, dataset, category_ids, rank=0, world_size=1, p
     results, image_ids, skipped = [], [], []
     bar = tqdm(total=len(indices), unit="img", desc="inference", disable=not progress or rank != 0)
     start = time.perf_counter()
-    for batch, items in zip(batches, _load(dataset, batches, num_workers)):
+    for batch, items in zip(batches, _load(dataset, batches, num_workers, worker_init_fn)):
         keep = []
         for index, (image, target) in zip(batch, items):
             replaced = [issue for issue in target.get("issues", ()) if REPLACED in issue]
@@ -80,6 +82,8 @@ def make_batches(indices, batch_size, key=None):
     first image; a key's last batch may be smaller. Batch 1 keeps the order of ``indices``."""
     if batch_size <= 1:
         return [[i] for i in indices]
+    if key is None:  # images of several shapes in a batch would not give the detections of batch 1
+        raise ValueError("batches need a key: the network-input shape of each image (input_shape_key)")
     groups = defaultdict(list)
     for i in indices:
         groups[key(i) if key else None].append(i)
@@ -97,11 +101,12 @@ def input_shape_key(test_scale, size_divisibility, image_sizes):
     return key
 
 
-def _load(dataset, batches, num_workers):
+def _load(dataset, batches, num_workers, worker_init_fn=None):
     """The list of (image, target) of each batch, in order; decoded by DataLoader workers when asked."""
     if num_workers <= 0:
         return ([dataset[i] for i in batch] for batch in batches)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_identity)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_identity,
+                      worker_init_fn=worker_init_fn)
 
 
 def _identity(items):

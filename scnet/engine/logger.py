@@ -89,19 +89,20 @@ class TrainLogger:
         self.write_json({"iteration": iteration, "epoch": epoch, **scalars})
 
     def record_eval(self, iteration, epoch, metrics, num_images):
-        """One evaluation (scnet/engine/validation.py): a console line, TensorBoard ``val/<type>/<stat>``
-        and a ``log.jsonl`` record with everything, per-category AP included."""
+        """One evaluation (scnet/engine/validation.py) after ``iteration`` iterations and ``epoch`` whole
+        epochs: a console line, TensorBoard ``val/<type>/<stat>`` and a ``log.jsonl`` record with
+        everything, per-category AP included."""
         if not self.enabled:
             return
         summary = "  ".join(f"{iou_type} AP {m['AP']:.4f} AP50 {m['AP50']:.4f} AP75 {m['AP75']:.4f}"
                             for iou_type, m in metrics.items())
-        self.info(f"eval epoch {epoch} iter {iteration} ({num_images} images): {summary}")
+        self.info(f"eval at iteration {iteration} ({epoch} epochs done, {num_images} images): {summary}")
         for iou_type, m in metrics.items():
             for stat, value in m.items():
                 if stat != "per_category":
                     self.writer.add_scalar(f"val/{iou_type}/{stat}", value, iteration)
         self.writer.flush()
-        self.write_json({"iteration": iteration, "epoch": epoch, "eval": metrics, "eval_images": num_images})
+        self.write_json({"iteration": iteration, "epochs_done": epoch, "eval": metrics, "eval_images": num_images})
 
     def write_json(self, record):
         if self.enabled:

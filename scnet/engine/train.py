@@ -27,7 +27,8 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of ``epoch`` already consumed (the resume point)
     nonfinite_steps: int = 0
     last_step_finite: bool = True  # no checkpoint is written right after a skipped step
-    best_value: Optional[float] = None  # of train.best_metric, the best evaluation so far (validation.py)
+    best_metric: str = ""  # train.best_metric of best_value, the best evaluation so far (validation.py)
+    best_value: Optional[float] = None
     best_iteration: int = 0
     load_issues: List[str] = field(default_factory=list)  # reported by the dataset while loading
 

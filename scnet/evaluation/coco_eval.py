@@ -192,17 +192,8 @@ def _short(entry, limit=120):
 
 
 def _evaluate_one(coco_gt, results, iou_type, image_ids):
-    if iou_type == "segm" and any("segmentation" not in r for r in results):
-        raise ValueError("segm evaluation needs a 'segmentation' in every result")
-    # Copies: loadRes writes area/id/iscrowd into the dicts. Without "bbox", pycocotools takes the
-    # mask area for the small/medium/large split of segm AP, as detectron2 and mmdet >= 2.12 do.
-    drop = {"bbox", "mask_score"} if iou_type == "segm" else {"mask_score"}
-    detections = [{k: v for k, v in r.items() if k not in drop} for r in results]
-    if iou_type == "segm":  # Mask Scoring R-CNN: masks ranked by their own score [impl 21]
-        for d, r in zip(detections, results):
-            d["score"] = r.get("mask_score", r["score"])
+    coco_dt = load_detections(coco_gt, results, iou_type)
     with _quiet():
-        coco_dt = coco_gt.loadRes(detections) if detections else _empty_results(coco_gt)
         coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
         coco_eval.params.imgIds = image_ids
         coco_eval.evaluate()
@@ -211,6 +202,28 @@ def _evaluate_one(coco_gt, results, iou_type, image_ids):
     stats = {name: float(v) for name, v in zip(STAT_NAMES, coco_eval.stats)}
     stats["per_category"] = per_category_ap(coco_eval, coco_gt)
     return stats
+
+
+def detections_for(results, iou_type):
+    """Copies of the result dicts as COCOeval should see them for ``iou_type``: for segm without "bbox"
+    (pycocotools then takes the mask area for the small/medium/large split, as detectron2 and mmdet >=
+    2.12 do) and ranked by ``mask_score`` where there is one (Mask Scoring R-CNN [impl 21])."""
+    if iou_type == "segm" and any("segmentation" not in r for r in results):
+        raise ValueError("segm evaluation needs a 'segmentation' in every result")
+    drop = {"bbox", "mask_score"} if iou_type == "segm" else {"mask_score"}
+    detections = [{k: v for k, v in r.items() if k not in drop} for r in results]
+    if iou_type == "segm":
+        for d, r in zip(detections, results):
+            d["score"] = r.get("mask_score", r["score"])
+    return detections
+
+
+def load_detections(coco_gt, results, iou_type):
+    """The pycocotools COCO object of ``detections_for(results, iou_type)`` (loadRes, quiet; copies, since
+    loadRes writes area/id/iscrowd into the dicts; an empty one for no detection)."""
+    detections = detections_for(results, iou_type)
+    with _quiet():
+        return coco_gt.loadRes(detections) if detections else _empty_results(coco_gt)
 
 
 def _empty_results(coco_gt):
