@@ -131,6 +131,9 @@ def set_up(args):
     model = scnet.build_model(cfg).to(device)
     dataset = build_train_dataset(cfg)
     report_skipped(dataset, log)
+    # the validation split is read now: a missing one stops the run before it starts
+    evaluation = build_periodic_evaluation(cfg, output_dir, dataset.category_ids,
+                                           ignoring_signals(parse_signals(cfg.train.stop_signals)))
     world, rank = dist.get_world_size(), dist.get_rank()
     # one batch of the loader is one SGD step: accumulate_steps micro-batches (train_step splits it)
     per_step = cfg.solver.images_per_gpu * cfg.solver.accumulate_steps
@@ -184,9 +187,7 @@ def set_up(args):
         logger = TrainLogger(output_dir, total_iters, state.iteration, cfg.train.log_period, dist.is_main_process())
     except OSError as e:
         raise FileError(f"cannot write the logs in {output_dir}: {write_failure(e, output_dir)}") from None
-    evaluation = build_periodic_evaluation(cfg, output_dir, dataset.category_ids,
-                                           ignoring_signals(parse_signals(cfg.train.stop_signals)))
-    if evaluation:
+    if evaluation and checkpoint is not None:  # a new run into an old folder replaces its model_best.pth
         evaluation.restore_best(state, log)
     run = Run(cfg, device, output_dir, wrapped, model, optimizer, scaler, loader, logger, base_lr, total_iters,
               evaluation, lock)

@@ -52,6 +52,8 @@ def _same(a, b):
 
 def test_every_period_in_all_three_sinks_and_model_best_is_the_best_period(data_dir, tmp_path):
     out = tmp_path / "run"
+    out.mkdir()  # a folder with an earlier run's model_best.pth, which a new (not resumed) run replaces
+    save_file({"model": {}, "metric": "segm.AP", "value": 2.0, "iteration": 1}, str(out / "model_best.pth"))
     result = _run(_overrides(data_dir, "solver.epochs=3", "solver.images_per_gpu=2"), out)
     assert result.returncode == 0, result.stderr[-3000:]
     evals, p = _evals(out), _per_epoch(result.stdout)
