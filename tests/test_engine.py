@@ -102,3 +102,20 @@ def test_sampler_groups_shards_and_resumes():
     sampler.set_epoch(1)
     assert list(sampler) != batches  # a new order every epoch
     assert GroupedBatchSampler(groups, 2, seed=3).epoch_batches() == batches  # deterministic
+
+
+def test_console_tensorboard_and_log_show_the_same_numbers(tmp_path, capsys):
+    """One definition of the logged loss and time: the mean over the last log_period iterations."""
+    import json
+
+    from scnet.engine.logger import TrainLogger
+
+    logger = TrainLogger(str(tmp_path), total_iters=10, start_iter=0, log_period=5)
+    for it in range(1, 6):
+        logger.record(it, 0, {"loss_a": float(it), "loss_b": 0.5}, 0.01, 0.1 * it, 0.0, torch.device("cpu"))
+    logger.close()
+    record = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert record["iteration"] == 5 and record["loss_a"] == 3.0 and record["loss"] == 3.5
+    assert record["time"] == pytest.approx(0.3)
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "iter 5/10" in ln][0]
+    assert "loss_a: 3.0000" in line and "loss: 3.5000" in line and "time: 0.300s" in line

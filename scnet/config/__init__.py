@@ -10,6 +10,7 @@ no ``model.arch`` are SCNet R-50-FPN 20e.
     cfg = get_cfg("configs/r50_1x.yaml", ["solver.base_lr=0.01", "model.backbone.depth=101"])
 """
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from typing import List
@@ -128,7 +129,9 @@ def _merge(node, updates, prefix="", arch=None):
         key = prefix + str(k)
         if k not in hints:
             unsupported = f" (model.arch '{arch}' has no such option)" if arch else ""
-            raise ConfigError(f"unknown config key '{key}'{unsupported}")
+            close = difflib.get_close_matches(str(k), list(hints), n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{unsupported}{hint}")
         current = getattr(node, k)
         if dataclasses.is_dataclass(current):
             _merge(current, v, key + ".", arch)
@@ -185,8 +188,13 @@ def get_cfg(path=None, overrides=()):
     ``overrides``. The architecture is the overrides' ``model.arch``, else the file's, else SCNet."""
     data = {}
     if path is not None:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     model = data.get("model") if isinstance(data, dict) else None
     arch = model.get("arch", "scnet") if isinstance(model, dict) else "scnet"
     for parts, value in _parse_overrides(overrides):

@@ -4,7 +4,6 @@ import datetime
 import json
 import os
 import resource
-import statistics
 import time
 from collections import defaultdict, deque
 
@@ -13,17 +12,13 @@ from tqdm import tqdm
 
 
 class SmoothedValue:
-    """The values of the last ``window`` iterations: median for the console, mean for the logs."""
+    """The values of the last ``window`` iterations; their mean is what every sink shows."""
 
     def __init__(self, window=20):
         self.window = deque(maxlen=window)
 
     def update(self, value):
         self.window.append(value)
-
-    @property
-    def median(self):
-        return statistics.median(self.window)
 
     @property
     def mean(self):
@@ -73,15 +68,16 @@ class TrainLogger:
         done = iteration - self.start_iter
         eta = (time.time() - self.start_time) / max(done, 1) * (self.total_iters - iteration)
         memory = max_memory_mb(device)
-        scalars = {k: m.mean for k, m in self.meters.items()}  # means over the last log_period iterations
+        scalars = {k: m.mean for k, m in self.meters.items()}
         scalars.update(lr=lr, max_mem_mb=memory)
-        self.bar.set_postfix(loss=f"{self.meters['loss'].median:.3f}", lr=f"{lr:.2e}")
+        self.bar.set_postfix(loss=f"{self.meters['loss'].mean:.3f}", lr=f"{lr:.2e}")
         if not self.enabled:
             return
-        terms = "  ".join(f"{k}: {m.median:.4f}" for k, m in self.meters.items() if k not in ("time", "data_time"))
+        # one definition everywhere: the mean over the last log_period iterations (console, TensorBoard, log.jsonl)
+        terms = "  ".join(f"{k}: {m.mean:.4f}" for k, m in self.meters.items() if k not in ("time", "data_time"))
         self.info(
             f"epoch {epoch} iter {iteration}/{self.total_iters}  eta {datetime.timedelta(seconds=int(eta))}  {terms}  "
-            f"lr: {lr:.6f}  time: {self.meters['time'].median:.3f}s  data: {self.meters['data_time'].median:.3f}s  "
+            f"lr: {lr:.6f}  time: {self.meters['time'].mean:.3f}s  data: {self.meters['data_time'].mean:.3f}s  "
             f"max_mem: {memory:.0f}MB"
         )
         for k, v in scalars.items():

@@ -29,6 +29,8 @@ import zipfile
 import numpy as np
 import torch
 
+from ..config import ConfigError
+
 
 class FileError(ValueError):
     """A file that cannot be used; the message names it and says why."""
@@ -39,10 +41,11 @@ class UnsafeFileError(FileError):
 
 
 def report_file_errors(main):
-    """Run a script's ``main``; a FileError ends it with that one line instead of a traceback."""
+    """Run a script's ``main``; a FileError or a config mistake (ConfigError: a missing config file, an
+    unknown key) ends it with that one line instead of a traceback."""
     try:
         main()
-    except FileError as e:
+    except (FileError, ConfigError) as e:
         sys.exit(f"error: {e}")
 
 
