@@ -1,9 +1,9 @@
-"""scnet.utils.visualize: instance drawing (masks, outlines, boxes, labels) and the histogram chart."""
+"""scnet.utils.visualize: instance drawing (masks, outlines, boxes, labels)."""
 import numpy as np
 import pytest
 import torch
 
-from scnet.utils.visualize import PALETTE, blend_masks, draw_instances, font_size_for
+from scnet.utils.visualize import MASK_ALPHA, PALETTE, _place_label, blend_masks, draw_instances, font_size_for
 
 from conftest import synthetic_sample
 
@@ -48,7 +48,8 @@ def test_mask_pixels_change_colour_and_pixels_far_from_the_box_do_not():
     mask = _box_mask(h, w, 150, 150, 250, 250)
     out = draw_instances(image, _result([[150, 150, 250, 250]], [mask]), ["thing"])
     inner = out[170:230, 170:230].reshape(-1, 3)  # inside the mask, away from outline and label
-    expected = np.round((GREY * 128 + PALETTE[0].astype(int) * 128) / 256)
+    fill = round(MASK_ALPHA * 256)
+    expected = np.round((GREY * (256 - fill) + PALETTE[0].astype(int) * fill) / 256)
     np.testing.assert_allclose(inner, np.broadcast_to(expected, inner.shape), atol=1)
     far = np.ones((h, w), bool)
     far[100:260, 140:260] = False  # the box, its label above it and a margin
@@ -80,8 +81,10 @@ def test_smaller_mask_is_painted_over_a_larger_overlapping_one():
     big, small = _box_mask(h, w, 10, 10, 90, 90), _box_mask(h, w, 40, 40, 60, 60)
     image = np.full((h, w, 3), GREY, np.uint8)
     out = draw_instances(image, _result([[40, 40, 60, 60], [10, 10, 90, 90]], [small, big]), ["x"])
-    blended_small = np.round((GREY * 128 + PALETTE[0].astype(int) * 128) / 256)
+    fill = round(MASK_ALPHA * 256)
+    blended_small = np.round((GREY * (256 - fill) + PALETTE[0].astype(int) * fill) / 256)
     np.testing.assert_allclose(out[50, 50], blended_small, atol=1)
+    assert MASK_ALPHA <= 0.35  # a light fill: the object's own colour still shows through
 
 
 def test_label_of_a_box_at_the_top_left_corner_is_drawn_inside_the_image():
@@ -109,3 +112,17 @@ def test_blend_masks_empty_mask_and_no_outline():
     assert (canvas == GREY).all()
     blend_masks(canvas, [_box_mask(20, 30, 5, 5, 15, 15)], PALETTE[:1], alpha=1.0, outline=0)
     assert (canvas[5:15, 5:15] == PALETTE[0]).all() and (canvas[:5] == GREY).all()
+
+
+def test_labels_of_neighbouring_detections_do_not_cover_each_other():
+    placed = []
+    for box in ([40, 50, 120, 150], [44, 54, 110, 140], [42, 52, 118, 148]):  # three boxes, nearly one corner
+        x, y = _place_label(box, 60, 12, (200, 300), placed)
+        placed.append((x, y, x + 60, y + 12))
+    assert [p[1] for p in placed] == [38, 54, 148]  # above the first box, inside the second, under the third
+    for i, a in enumerate(placed):
+        assert 0 <= a[0] and a[2] <= 300 and 0 <= a[1] and a[3] <= 200
+        assert not any(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3] for b in placed[i + 1:])
+    # at the bottom-right corner, the label stays whole inside the image
+    x, y = _place_label([280, 190, 300, 200], 60, 12, (200, 300), [])
+    assert (x, y) == (240, 178)

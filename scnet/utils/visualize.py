@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 # Saturated colours from Trubetskoy's "20 distinct colours", the pale ones left out (they vanish when
-# blended at 50% over bright pixels); neighbours in the list differ in hue, so consecutive instances do.
+# blended over bright pixels); neighbours in the list differ in hue, so consecutive instances do.
 PALETTE = np.array(
     [
         (230, 25, 75), (60, 180, 75), (255, 225, 25), (67, 99, 216), (245, 130, 49), (145, 30, 180),
@@ -24,7 +24,7 @@ PALETTE = np.array(
     ],
     dtype=np.uint8,
 )
-MASK_ALPHA = 0.5
+MASK_ALPHA = 0.3  # a light fill and an opaque outline: the object's own colour stays visible
 
 
 @functools.lru_cache(maxsize=32)
@@ -125,18 +125,35 @@ def blend_masks(canvas, masks, colours, alpha=MASK_ALPHA, outline=1):
         canvas[..., c] = (channel * (256 - weight) + colour * weight + 128) >> 8
 
 
-def _draw_label(draw, text, box, colour, font, image_size):
-    """A filled label at the box's top-left corner, above the box or, at the top edge, just inside it."""
+def _overlap(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _place_label(box, label_w, label_h, image_size, placed):
+    """Top-left corner of a label for ``box``: above its top-left corner, else just inside it, else under
+    or inside its bottom; the first place inside the image that covers no label in ``placed`` (the first
+    candidate when all do). Clamped into the image, so that no label is cut at an edge."""
     height, width = image_size
+    x1, y1, x2, y2 = box
+    x = min(max(x1, 0), max(width - label_w, 0))
+    candidates = [y1 - label_h, y1, y2, y2 - label_h]
+    clamped = [min(max(y, 0), max(height - label_h, 0)) for y in candidates]
+    for y in clamped:
+        rect = (x, y, x + label_w, y + label_h)
+        if not any(_overlap(rect, other) for other in placed):
+            return x, y
+    return x, clamped[0] if candidates[0] >= 0 else clamped[1]
+
+
+def _draw_label(draw, text, box, colour, font, image_size, placed):
+    """A filled label near the box (``_place_label``); its rectangle is added to ``placed``."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     pad = max(1, (bottom - top) // 6)
     label_w, label_h = right - left + 2 * pad, bottom - top + 2 * pad
-    x = min(max(box[0], 0), max(width - label_w, 0))
-    y = box[1] - label_h if box[1] - label_h >= 0 else max(box[1], 0)
-    y = min(y, max(height - label_h, 0))
+    x, y = _place_label(box, label_w, label_h, image_size, placed)
     draw.rectangle([x, y, x + label_w - 1, y + label_h - 1], fill=tuple(int(c) for c in colour))
     draw.text((x + pad - left, y + pad - top), text, fill=_text_colour(colour), font=font)
-    return x, y, x + label_w, y + label_h
+    placed.append((x, y, x + label_w, y + label_h))
 
 
 def draw_instances(image, result, class_names, score_thresh=0.3, alpha=MASK_ALPHA, show_scores=True):
@@ -168,8 +185,9 @@ def draw_instances(image, result, class_names, score_thresh=0.3, alpha=MASK_ALPH
     for i in order:
         draw.rectangle([float(v) for v in boxes[i]], outline=tuple(int(c) for c in colours[i]), width=thickness)
     font = get_font(font_size_for(height, width))
-    for i in order:
+    placed = []  # the labels drawn so far: a label is placed where it covers none of them
+    for i in order[::-1]:  # the smallest objects first: their labels take the places nearest to them
         name = class_names[labels[i]] if 0 <= labels[i] < len(class_names) else f"class_{labels[i]}"
         text = f"{name} {scores[i]:.2f}" if show_scores else name
-        _draw_label(draw, text, boxes[i].round().astype(int).tolist(), colours[i], font, (height, width))
+        _draw_label(draw, text, boxes[i].round().astype(int).tolist(), colours[i], font, (height, width), placed)
     return np.array(canvas)
