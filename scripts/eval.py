@@ -26,7 +26,7 @@ from scnet.engine import dist
 from scnet.engine.compile import compile_dense_parts
 from scnet.engine.evaluate import gather_results, inference_on_dataset, input_shape_key
 from scnet.modeling.tta import TestTimeAugmentation
-from scnet.utils.files import report_file_errors
+from scnet.utils.files import FileError, report_file_errors
 from scnet.utils.malloc import keep_freed_memory
 from scnet.evaluation.coco_eval import (
     IOU_TYPES,
@@ -80,6 +80,8 @@ def run_model(args):
         keep_freed_memory()  # large activations reused, not re-mapped per image (scnet/utils/malloc.py)
     cfg = get_cfg(args.cfg, args.overrides)
     log = print if dist.is_main_process() else (lambda *a: None)
+    if "://" not in args.weights and not os.path.isfile(args.weights):  # before minutes of reading data
+        raise FileError(f"{args.weights}: no such file")
     dataset = CocoDataset(os.path.join(cfg.data.root, cfg.data.val_annotations),
                           os.path.join(cfg.data.root, cfg.data.val_images), semantic_source="none", training=False)
     if cfg.model.num_classes != dataset.num_classes:

@@ -31,7 +31,8 @@ echo "== 1/4 dataset: $DATA"
 echo "dataset digest: $(cd "$DATA" && find . -type f | LC_ALL=C sort | xargs cat | sha1sum | cut -c1-16)"
 
 echo "== 2/4 training (configs/quickstart.yaml) -> $OUT"
-"$PY" scripts/train.py --cfg configs/quickstart.yaml --output-dir "$OUT"
+# --resume auto: a second run of this script continues (here: reuses) the first one's training
+"$PY" scripts/train.py --cfg configs/quickstart.yaml --output-dir "$OUT" --resume auto
 
 echo "== 3/4 evaluation on $DATA/val"
 mkdir -p "$OUT/eval"

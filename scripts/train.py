@@ -30,7 +30,7 @@ import scnet
 from scnet.config import Config, dump, flatten, get_cfg, to_dict
 from scnet.data.build import build_train_dataset, build_train_loader, ignoring_signals
 from scnet.engine import dist
-from scnet.engine.checkpoint import all_finite, list_checkpoints, resolve_resume, save_checkpoint
+from scnet.engine.checkpoint import all_finite, list_checkpoints, resolve_resume, save_checkpoint, start_new_run
 from scnet.engine.compile import compile_dense_parts
 from scnet.engine.logger import TrainLogger
 from scnet.engine.preemption import StopRequested, StopSignals, parse_signals
@@ -119,6 +119,8 @@ def set_up(args):
         try:
             os.makedirs(output_dir, exist_ok=True)
             lock = FolderLock(output_dir)  # one run per output folder, until this process ends
+            if not args.resume:
+                start_new_run(output_dir, log)  # never mixed with an earlier run's checkpoints and log
             dump(cfg, os.path.join(output_dir, "config.yaml"))
         except OSError as e:  # a full disk, no permission
             raise FileError(f"cannot write in {output_dir}: {write_failure(e, output_dir)}") from None

@@ -282,3 +282,26 @@ def test_mixed_precision_and_gradient_clipping(dataset_dir, tmp_path, amp):
     assert sorted(losses) == [1, 2] and all(v == v and abs(v) < 1e3 for v in losses.values())
     weights = _final_weights(tmp_path / "out")["model"]
     assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())  # fp32 master weights
+
+
+def test_a_new_run_never_mixes_with_an_earlier_one_in_its_folder(dataset_dir, tmp_path):
+    """Checkpoints of an earlier run: a new run (no --resume) stops with one line, --resume auto continues.
+    An earlier run that wrote no checkpoint: its log and TensorBoard files go aside, the new run's log
+    starts empty."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"iteration": 7, "loss": 1.0}\n')
+    (out / "tensorboard").mkdir()
+    args = _overrides(dataset_dir, "solver.max_iters=1", "solver.images_per_gpu=2")
+    first = _run(args, out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    aside = [p for p in (out / "previous").iterdir()]
+    assert len(aside) == 1 and (aside[0] / "log.jsonl").read_text().startswith('{"iteration": 7')
+    assert (aside[0] / "tensorboard").is_dir() and [r["iteration"] for r in _log(out) if "loss" in r] == [1]
+    again = _run(args, out)
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines()[-1] == (f"error: {out} holds an earlier run (checkpoint_00000001.pth, "
+                                                     "model_final.pth): continue it with --resume auto, or give "
+                                                     "another --output-dir")
+    resumed = _run(["--resume", "auto", *_overrides(dataset_dir, "solver.max_iters=2", "solver.images_per_gpu=2")], out)
+    assert resumed.returncode == 0 and [r["iteration"] for r in _log(out) if "loss" in r] == [1, 2]

@@ -7,6 +7,7 @@ import glob
 import os
 import re
 import subprocess
+import time
 
 import torch
 
@@ -77,3 +78,23 @@ def resolve_resume(resume, output_dir, log=print):
             log(f"WARNING: {e}; trying the previous checkpoint")
     log(f"no valid checkpoint in {output_dir}: starting from scratch")
     return None, None
+
+
+def start_new_run(output_dir, log=print):
+    """For a run that does not resume: refuse a folder that holds an earlier run's checkpoints or final
+    weights (their iterations would mix with this run's: ``keep_checkpoints`` would delete the new ones,
+    ``--resume auto`` pick the old), and set the log and TensorBoard files of an earlier run that wrote
+    no checkpoint aside into ``previous/<time>/``, so that this run starts its own."""
+    held = list_checkpoints(output_dir)[:1] + [p for p in [os.path.join(output_dir, "model_final.pth")]
+                                                if os.path.isfile(p)]
+    if held:
+        names = ", ".join(os.path.basename(p) for p in held)
+        raise FileError(f"{output_dir} holds an earlier run ({names}): continue it with --resume auto, or give "
+                        "another --output-dir")
+    old = [name for name in ("log.jsonl", "tensorboard") if os.path.exists(os.path.join(output_dir, name))]
+    if old:
+        aside = os.path.join(output_dir, "previous", time.strftime("%Y%m%d-%H%M%S"))
+        os.makedirs(aside, exist_ok=True)
+        for name in old:
+            os.rename(os.path.join(output_dir, name), os.path.join(aside, name))
+        log(f"the earlier run's {' and '.join(old)} moved to {aside}")
