@@ -129,7 +129,7 @@ def print_summary(problems, notes, stats):
             print(f"  {kind:<40} {n:>6}  {action}")
     print("not errors, for information:")
     crowd = stats.get("crowd annotations", 0)
-    print(f"  {'crowd annotations':<40} {crowd:>6}  not used as ground truth in training [impl 24.28]")
+    print(f"  {'crowd annotations':<40} {crowd:>6}  not used as ground truth in training")
     for kind, (label, meaning) in NOTES.items():
         print(f"  {label:<40} {notes.get(kind, 0):>6}  {meaning}")
     errors = sum(n for (_, action), n in counts.items() if action == ERROR)

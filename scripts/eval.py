@@ -1,5 +1,6 @@
-"""Evaluate a checkpoint on a COCO-format validation set (bbox and segm AP, [impl 13], [impl 16.2]), or
-evaluate an existing results file.
+"""Evaluate a checkpoint on a COCO-format validation set (bbox and segm AP, as the official
+implementation computes them: docs/official_implementation_2.md, sections 13 and 16.2), or evaluate an
+existing results file.
 
     python scripts/eval.py --cfg configs/r50_20e.yaml --weights scnet_r50_20e.pth [--tta] [key.sub=value ...]
     python scripts/eval.py --cfg configs/r50_20e.yaml --weights scnet_r50_20e.pth --batch-size 4
@@ -43,7 +44,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", help="YAML config (default: SCNet R-50 20e)")
     parser.add_argument("--weights", help="checkpoint: ours ({'model': state_dict}) or an official MMDetection one")
-    parser.add_argument("--tta", action="store_true", help="test-time augmentation: flip x 5 scales [impl 15]")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: flip x 5 scales, merged as the official implementation "
+                             "merges them (docs/official_implementation_2.md, section 15)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the dense parts (scnet/engine/compile.py)")
     parser.add_argument("--output-dir", help="default: output/<config name>/eval, or the folder of --results")
     parser.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")

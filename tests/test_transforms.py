@@ -122,3 +122,20 @@ def test_hflip_boxes_masks_semantic():
     again_image, again = hflip(out_image, out)
     assert torch.equal(again_image, image) and torch.equal(again["boxes"], torch.tensor([[1.0, 0, 3, 2]]))
     assert again["flipped"] is False
+
+
+def test_a_read_only_array_from_pil_is_taken_without_a_warning():
+    """README's snippet: np.asarray(PIL image) is read-only; the model takes it as it is, silently."""
+    import warnings
+
+    import numpy as np
+    import PIL.Image
+
+    from scnet.ops.image import as_chw_tensor
+
+    array = np.asarray(PIL.Image.new("RGB", (20, 10), (1, 2, 3)))
+    assert not array.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = as_chw_tensor(array)
+    assert tensor.shape == (3, 10, 20) and tensor[:, 0, 0].tolist() == [1, 2, 3]

@@ -29,6 +29,8 @@ def as_chw_tensor(image):
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) RGB array, got shape {image.shape}")
+        if not image.flags.writeable:  # np.asarray(PIL image) is read-only, and torch warns on those
+            image = image.copy()
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) RGB tensor, got {getattr(image, 'shape', type(image))}")
