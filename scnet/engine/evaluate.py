@@ -86,7 +86,7 @@ def make_batches(indices, batch_size, key=None):
         raise ValueError("batches need a key: the network-input shape of each image (input_shape_key)")
     groups = defaultdict(list)
     for i in indices:
-        groups[key(i) if key else None].append(i)
+        groups[key(i)].append(i)
     batches = [members[j : j + batch_size] for members in groups.values() for j in range(0, len(members), batch_size)]
     position = {index: p for p, index in enumerate(indices)}
     return sorted(batches, key=lambda b: position[b[0]])
