@@ -25,6 +25,9 @@ PY="$VENV/bin/python"
 # the CPU has AVX-512 or AMX. (Measured on the quick start: no slower on a 2-core AVX-512 machine.)
 export OMP_NUM_THREADS=2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2
 
+# this machine's speed, to compare the time below with README.md's (scripts/machine_speed.py says how)
+"$PY" scripts/machine_speed.py
+
 echo "== 1/4 dataset: $DATA"
 [ -f "$DATA/annotations/instances_val.json" ] || "$PY" datasets/make_synthetic.py "$DATA"
 # the digest README.md gives: a different one means the data, not the training, differs
@@ -45,4 +48,5 @@ ls "$DATA/val" | sort | head -n 8 | while read -r name; do cp "$DATA/val/$name" 
 "$PY" scripts/demo.py "$OUT/demo_inputs" --cfg configs/quickstart.yaml --weights "$OUT/model_final.pth" \
   --out "$OUT/predictions" --categories "$DATA/annotations/instances_val.json"
 
+"$PY" scripts/machine_speed.py  # again: a machine that got busier meanwhile shows here
 echo "done in $(( $(date +%s) - start )) s: metrics in $OUT/eval/metrics.json, pictures in $OUT/predictions/"
