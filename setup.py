@@ -16,5 +16,8 @@ setup(
         "tensorboard",
         "matplotlib",  # the charts of scripts/analyze.py and scripts/iou_distribution.py
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "test": ["pytest"],
+        "export": ["onnx", "onnxscript", "onnxruntime"],  # scripts/export.py --format onnx, deploy/scnet_runtime.py
+    },
 )

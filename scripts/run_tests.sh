@@ -16,7 +16,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q -r requirements.txt -r requirements-test.txt -c constraints.txt
+"$VENV/bin/pip" install -q -r requirements.txt -r requirements-test.txt -r requirements-export.txt -c constraints.txt
 "$VENV/bin/pip" install -q --no-deps -e .
 
 export SCNET_REF_DIR=${SCNET_REF_DIR:-$HOME/.cache/scnet-mmdet-ref/data}

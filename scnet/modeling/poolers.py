@@ -2,6 +2,7 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ..ops.export import exporting
 from ..ops.roi_align import roi_align
 
 
@@ -55,6 +56,11 @@ class MultiLevelRoIAlign(nn.Module):
             return roi_align(features[0], rois, size, 1.0 / self.strides[0], self.sampling_ratio, True, group)
         levels = map_levels(rois, len(self.strides), self.finest_scale)
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1]) + size)
+        if exporting():  # each level's RoIs found in the graph (their counts are not known when tracing)
+            for level, stride in enumerate(self.strides):
+                idx = (levels == level).nonzero().view(-1)
+                out[idx] = roi_align(features[level], rois[idx], size, 1.0 / stride, self.sampling_ratio, True, group)
+            return out
         # RoIs grouped by level with one sort; the per-level counts are the one host-device
         # synchronisation (a nonzero per level would be one each)
         order = levels.argsort(stable=True)

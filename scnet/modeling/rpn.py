@@ -4,6 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.boxes import BoxCoder, batched_nms
+from ..ops.export import exporting
 from .losses import smooth_l1_loss
 from .sampling import assign_boxes, sample_positive_negative
 
@@ -30,16 +31,21 @@ class AnchorGenerator(nn.Module):
 
     def grid_anchors(self, level, height, width, device):
         key = (level, height, width, str(device))
+        if exporting():  # symbolic sizes: computed in the graph, not cached
+            return self._grid_anchors(level, height, width, device)
         if key not in self._cache:
             if len(self._cache) > 256:  # bounded: training sees a limited set of padded sizes anyway
                 self._cache.clear()
-            stride = self.strides[level]
-            xs = torch.arange(0, width, device=device).float() * stride
-            ys = torch.arange(0, height, device=device).float() * stride
-            yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-            shifts = torch.stack([xx, yy, xx, yy], dim=-1).reshape(-1, 1, 4)
-            self._cache[key] = (shifts + self.base_anchors[level].to(device)[None]).reshape(-1, 4)
+            self._cache[key] = self._grid_anchors(level, height, width, device)
         return self._cache[key]
+
+    def _grid_anchors(self, level, height, width, device):
+        stride = self.strides[level]
+        xs = torch.arange(0, width, device=device).float() * stride
+        ys = torch.arange(0, height, device=device).float() * stride
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        shifts = torch.stack([xx, yy, xx, yy], dim=-1).reshape(-1, 1, 4)
+        return (shifts + self.base_anchors[level].to(device)[None]).reshape(-1, 4)
 
     def forward(self, features):
         """List over levels of (H_l * W_l * A, 4) anchors in (H, W, A) order."""
@@ -139,9 +145,11 @@ class RPN(nn.Module):
             for lvl, (lg, dl, an) in enumerate(zip(logits, deltas, anchors)):
                 s = lg[i].sigmoid()
                 d = dl[i]
-                if s.numel() > pre_nms:
+                # exporting, the level's size is a symbol: sorted and cut at min(size, pre_nms) always
+                if exporting() or s.numel() > pre_nms:
+                    k = torch.sym_min(s.shape[0], pre_nms)  # a symbol while exporting: no guard on the size
                     s, order = s.sort(descending=True)
-                    s, order = s[:pre_nms], order[:pre_nms]
+                    s, order = s[:k], order[:k]
                     d, an = d[order], an[order]
                 level_scores.append(s)
                 level_deltas.append(d)

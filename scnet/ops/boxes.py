@@ -8,6 +8,8 @@ import math
 import torch
 from torchvision.ops import nms
 
+from .export import exporting, maybe_empty
+
 # dw, dh are clamped to +-|log(16/1000)| before exp [impl 9.2, 24.4]
 DEFAULT_SCALE_CLAMP = abs(math.log(16 / 1000))
 
@@ -29,8 +31,13 @@ def box_iou(boxes1, boxes2, eps=1e-6):
 
 
 def clip_boxes_(boxes, image_size):
-    """Clip xyxy boxes in place to an image of ``image_size`` = (h, w) (the resized, unpadded size)."""
+    """Clip xyxy boxes in place to an image of ``image_size`` = (h, w) (the resized, unpadded size): ints,
+    or 0-d tensors (an exported graph's input)."""
     h, w = image_size
+    if torch.is_tensor(w):  # clamp takes a tensor bound only as (Tensor min, Tensor max) or one of them
+        boxes[..., 0::2].clamp_(min=0).clamp_(max=w.to(boxes.dtype))
+        boxes[..., 1::2].clamp_(min=0).clamp_(max=h.to(boxes.dtype))
+        return boxes
     boxes[..., 0::2].clamp_(min=0, max=w)
     boxes[..., 1::2].clamp_(min=0, max=h)
     return boxes
@@ -60,7 +67,7 @@ class BoxCoder:
 
     def decode(self, boxes, deltas, image_size=None):
         """Apply (N, 4) ``deltas`` to (N, 4) ``boxes``; clip to ``image_size`` = (h, w) when given."""
-        if boxes.shape[0] == 0:
+        if maybe_empty(boxes.shape[0]):
             return deltas.new_zeros((0, 4))
         deltas = deltas * deltas.new_tensor(self.stds)
         pxy = (boxes[:, :2] + boxes[:, 2:]) * 0.5
@@ -87,6 +94,12 @@ def batched_nms(boxes, scores, idxs, iou_threshold, split_threshold=10000, max_d
     when that gives ``max_detections`` of them they are the full run's first ones, else k grows. Same
     procedure (offset or per group, offsets from all boxes) as the full run, so the same float results.
     """
+    if exporting():
+        # one NMS over every candidate, with no size read from the data: the same kept boxes; above
+        # split_threshold the offset path where eager runs one NMS per group (equal but for the float
+        # rounding of the moved coordinates)
+        offset = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max() + 1  # boxes.max() + 1, empty-safe
+        return _batched_nms(boxes, scores, idxs, iou_threshold, offset)[:max_detections]
     n = scores.numel()
     if n == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)

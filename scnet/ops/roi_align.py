@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align as tv_roi_align
 
+from .export import exporting
+
 _CHUNK_ELEMENTS = 2**25  # (RoIs x channels x window) values materialised at once: 128 MB of float32
 
 
@@ -25,7 +27,9 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=0, alig
         # autocast: pool in float32 and give the input's dtype back, as torchvision's autocast rule does
         out = roi_align(features.float(), rois.float(), output_size, spatial_scale, sampling_ratio, aligned, group)
         return out.to(features.dtype)
-    if features.device.type != "cpu" or features.dtype not in (torch.float32, torch.float64):
+    if features.device.type != "cpu" or features.dtype not in (torch.float32, torch.float64) or exporting():
+        # torch.export / ONNX: torchvision's op, which has a shape function and an ONNX translation (ours
+        # loops over RoIs in Python with sizes read from the data)
         full = (output_size[0] * group, output_size[1] * group)
         out = tv_roi_align(features, rois, full, spatial_scale, sampling_ratio, aligned)
         return F.adaptive_avg_pool2d(out, output_size) if group > 1 else out

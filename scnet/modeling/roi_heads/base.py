@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...ops.boxes import BoxCoder, multiclass_nms
+from ...ops.export import maybe_empty
 from ...ops.masks import mask_targets
 from ..poolers import MultiLevelRoIAlign, rois_from_boxes
 from ..sampling import assign_boxes, sample_positive_negative
@@ -289,7 +290,7 @@ class RoIHeads(nn.Module):
         """(D, 28, 28) sigmoid of mask head ``k``'s logits for each RoI's class; with feature relay, its
         input comes from a second pass of box head ``stage`` on these RoIs [impl 24.8]."""
         x = self.mask_features(features, rois, context, k)
-        if self.feature_relays is not None and rois.shape[0] > 0:
+        if self.feature_relays is not None and not maybe_empty(rois.shape[0]):
             _, _, shared = self.run_box_head(stage, features, rois, context)
             x = x + self.feature_relays[k](shared)
         return self.mask_heads[k](x)[torch.arange(labels.numel(), device=labels.device), labels].sigmoid()
