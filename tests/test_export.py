@@ -185,11 +185,12 @@ def test_export_paths_give_eager_results(monkeypatch):
         np.testing.assert_array_equal(traced_paths["masks"], eager[i]["masks"])
 
 
-# Each export takes 10-30 s here, and SCNet R-50's check 200 s: the suite runs the checks below, which
-# cover every kind of head (cascade + relay + context, HTC's information flow, the MaskIoU output);
-# SCNET_EXPORT_ALL=1 runs every architecture in both formats and SCNet R-50 (the README's figures).
+# Each export takes 10-40 s here, and SCNet R-50's check 200 s: the suite runs the checks below, which
+# cover every kind of head (cascade + relay + context, HTC's information flow, the MaskIoU output) and
+# ONNX on SCNet; SCNET_EXPORT_ALL=1 runs every architecture in both formats and SCNet R-50 (the
+# README's figures).
 EXPORT_ALL = os.environ.get("SCNET_EXPORT_ALL") == "1"
-SUITE = {"scnet": True, "htc": False, "ms_rcnn": True}  # architecture: ONNX too
+SUITE = {"scnet": True, "htc": False, "ms_rcnn": False}  # architecture: ONNX too
 
 
 @pytest.mark.parametrize("arch", list(ZOO))
