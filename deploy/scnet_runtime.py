@@ -9,10 +9,11 @@
 graph, written in numpy so that a deployment needs only onnxruntime (copy this one file next to the
 model). Before the graph: the keep-ratio resize to the test scale (OpenCV's fixed-point INTER_LINEAR,
 bit for bit, as the official pipeline and scnet.ops.image do), the ImageNet normalisation and the zero
-padding to a multiple of 32. After it: boxes back to the image's pixels and each 28x28 mask probability
-map pasted into the image (bilinear, half-pixel centres, >= 0.5: scnet.ops.masks.paste_masks). The
-settings (test scale, mean, std, padding, mask threshold, class names) travel in the ONNX file's
-metadata, which ``scripts/export.py`` fills from the config.
+padding to a multiple of 32 (at least 96, a dynamic graph's smallest input). After it: boxes back to
+the image's pixels and each 28x28 mask probability map pasted into the image (bilinear, half-pixel
+centres, >= 0.5: scnet.ops.masks.paste_masks). The settings (test scale, mean, std, padding, mask
+threshold, class names and COCO category ids) travel in the file's metadata, which ``scripts/export.py``
+fills from the config and the training annotations.
 
 ``ExportedDetector`` does the same around a ``torch.export`` program (.pt2), with torch but without the
 scnet package.
@@ -69,16 +70,17 @@ def resize_bilinear(image, size):
     return np.clip((top + bottom + 2) >> 2, 0, 255).astype(np.uint8)
 
 
-def preprocess(image, test_scale, mean, std, size_divisibility, input_size=None):
+def preprocess(image, test_scale, mean, std, size_divisibility, input_size=None, min_side=0):
     """(H, W, 3) uint8 RGB -> the graph's inputs ((1, 3, H', W') float32, (2,) int64 [h, w]) and the
-    (w, h) scale factors from the image to the network input. ``input_size``: a static graph's (H', W')."""
+    (w, h) scale factors from the image to the network input. ``input_size``: a static graph's (H', W');
+    ``min_side``: a dynamic graph's smallest H', W' (a multiple of the size divisibility)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.dtype} {image.shape}")
     h, w = image.shape[:2]
     new_h, new_w = rescale_size(h, w, test_scale)
     resized = resize_bilinear(image, (new_h, new_w))
     normalized = (resized.astype(np.float32) - np.float32(mean)) / np.float32(std)
-    pad_h, pad_w = (-(-v // size_divisibility) * size_divisibility for v in (new_h, new_w))
+    pad_h, pad_w = (max(-(-v // size_divisibility) * size_divisibility, min_side) for v in (new_h, new_w))
     if input_size is not None:
         if new_h > input_size[0] or new_w > input_size[1]:
             raise ValueError(f"the image resized to {new_h}x{new_w} does not fit the graph's fixed input "
@@ -139,12 +141,15 @@ class _Detector:
         self.mean, self.std = meta["pixel_mean"], meta["pixel_std"]
         self.size_divisibility = meta["size_divisibility"]
         self.mask_threshold = meta["mask_threshold"]
-        self.class_names = meta.get("class_names")
+        self.class_names = meta.get("class_names")  # indexed by label, or None
+        self.category_ids = meta.get("category_ids")
         self.input_size = meta.get("input_size")
+        self.min_side = meta.get("min_input_side") or 0
 
     def __call__(self, image):
         tensor, image_size, (w_scale, h_scale) = preprocess(
-            np.asarray(image), self.test_scale, self.mean, self.std, self.size_divisibility, self.input_size)
+            np.asarray(image), self.test_scale, self.mean, self.std, self.size_divisibility, self.input_size,
+            self.min_side)
         out = self.run(tensor, image_size)
         boxes = out["boxes"] / np.array([w_scale, h_scale, w_scale, h_scale], dtype=np.float32)
         result = {"boxes": boxes, "scores": out["scores"], "labels": out["labels"],

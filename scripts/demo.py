@@ -14,13 +14,10 @@ detections with score >= --score-thresh, and ``<out>/<stem>.json`` lists the sam
 result dicts: ``bbox`` [x, y, w, h], ``score``, ``category_id``, ``category_name`` and
 ``segmentation`` (RLE with str counts). There is no ``image_id``: the images are not in a dataset.
 
-Class names and COCO category ids come from the first source that has one per class:
-  1. ``--categories FILE``: any COCO annotation file with the training categories (e.g. the val
-     json, which is quicker to parse than COCO's 450 MB training json);
-  2. the training annotation file named by the checkpoint's stored config (scripts/train.py saves
-     it), else by ``--cfg``, when that file exists;
-  3. the class names stored in an official MMDetection checkpoint (category id = label);
-  4. ``class_<label>``, category id = label.
+Class names and COCO category ids come from the first source that has one per class
+(scnet/data/categories.py): ``--categories FILE``, the training annotation file named by the
+checkpoint's stored config or by ``--cfg``, the names stored in an official MMDetection checkpoint,
+else ``class_<label>``.
 """
 import argparse
 import json
@@ -35,9 +32,10 @@ from PIL import ExifTags, Image
 
 import scnet
 from scnet.config import get_cfg
-from scnet.data.checks import DataError, LoadError, category_mapping, decode_image, load_annotation_file
+from scnet.data.categories import load_categories
+from scnet.data.checks import LoadError, decode_image
 from scnet.engine.evaluate import input_shape_key, make_batches
-from scnet.utils.files import load_file, report_file_errors
+from scnet.utils.files import report_file_errors
 from scnet.utils.malloc import keep_freed_memory
 from scnet.utils.visualize import draw_instances
 
@@ -77,44 +75,6 @@ def output_stems(paths):
     """File stems, or the whole file name with '.' -> '_' where two images share a stem (a.jpg, a.png)."""
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     return [s if stems.count(s) == 1 else os.path.basename(p).replace(".", "_") for s, p in zip(stems, paths)]
-
-
-def checkpoint_metadata(path):
-    """(training config dict or None, MMDetection class names or None) stored in a local checkpoint.
-
-    mmap: the tensors are not read a second time (the model has loaded them already).
-    """
-    if not os.path.isfile(path):
-        return None, None
-    checkpoint = load_file(path, mmap=True)
-    if not isinstance(checkpoint, dict):
-        return None, None
-    meta = checkpoint.get("meta") or {}
-    names = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes")  # mmdet 2.x / 3.x
-    config = checkpoint.get("config")
-    return (config if isinstance(config, dict) else None), (list(names) if names else None)
-
-
-def load_categories(args, cfg, num_classes):
-    """(class names, COCO category ids, where they came from): see the module docstring for the order."""
-    stored_config, mmdet_names = checkpoint_metadata(args.weights)
-    data = stored_config["data"] if stored_config and "data" in stored_config else vars(cfg.data)
-    candidates = [args.categories] if args.categories else []
-    candidates.append(os.path.join(data["root"], data["train_annotations"]))
-    for path in candidates:
-        if not os.path.isfile(path):
-            continue
-        try:
-            ids, names = category_mapping(load_annotation_file(path)["categories"])
-        except DataError as e:
-            print(f"warning: {e}; not used for the class names")
-            continue
-        if len(ids) == num_classes:
-            return list(names), list(ids), path
-        print(f"warning: {path} has {len(ids)} categories, the model {num_classes} classes; not used")
-    if mmdet_names and len(mmdet_names) == num_classes:
-        return mmdet_names, list(range(num_classes)), "the checkpoint's meta (category id = label)"
-    return [f"class_{i}" for i in range(num_classes)], list(range(num_classes)), "none found (class_<label>)"
 
 
 def coco_results(result, keep, class_names, category_ids):
@@ -201,7 +161,8 @@ def main():
     if device.type == "cpu":
         keep_freed_memory()  # large activations reused, not re-mapped per image (scnet/utils/malloc.py)
     model = scnet.build_model(cfg, weights=args.weights).to(device).eval()
-    class_names, category_ids, source = load_categories(args, cfg, cfg.model.num_classes)
+    class_names, category_ids, source = load_categories(args.weights, cfg, cfg.model.num_classes,
+                                                         args.categories)
     print(f"class names and category ids: {source}")
     paths = list_images(args.input)
     if not paths:

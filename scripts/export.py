@@ -7,11 +7,13 @@
 
 The file holds the whole inference graph of one image, NMS and mask head included, from the normalised,
 padded network input and its image size to boxes, scores, labels and 28x28 mask probabilities
-(scnet/export.py says exactly what). Height and width are dynamic (multiples of 32, up to --max-side)
-unless --static: then the graph is fixed to the padded test scale, landscape (--size to choose), and
-the runtime pads every image to it. deploy/scnet_runtime.py runs either file with the resize before
-and the mask paste after in numpy: ``OnnxDetector`` needs only numpy and onnxruntime, ``ExportedDetector``
-torch and torchvision, neither needs this package.
+(scnet/export.py says exactly what). Height and width are dynamic (multiples of 32 from 96, up to
+--max-side) unless --static: then the graph is fixed to the padded test scale, landscape (--size to
+choose), and the runtime pads every image to it. The file also carries the class names and COCO
+category ids, from --categories or as scripts/demo.py finds them (scnet/data/categories.py).
+deploy/scnet_runtime.py runs either file with the resize before and the mask paste after in numpy:
+``OnnxDetector`` needs only numpy and onnxruntime, ``ExportedDetector`` torch and torchvision, neither
+needs this package.
 
 --check runs the exported file through that runtime and the eager model (``model([rgb])``) on each
 image and prints the differences: detections, labels, boxes (px), scores, mask IoU.
@@ -27,6 +29,7 @@ from PIL import Image
 
 import scnet
 from scnet.config import get_cfg
+from scnet.data.categories import load_categories
 from scnet.export import export_program, example_inputs, metadata, save_onnx, save_program
 from scnet.utils.files import report_file_errors
 
@@ -45,6 +48,8 @@ def parse_args(argv=None):
                    help="--static input size (default: the padded test scale, landscape)")
     p.add_argument("--max-side", type=int, default=4096, help="largest height/width of a dynamic graph")
     p.add_argument("--check", nargs="+", default=[], metavar="IMAGE", help="compare with eager on these images")
+    p.add_argument("--categories", help="COCO annotation file whose categories name the classes (default: "
+                   "the training annotation file of the checkpoint's or --cfg's config, scnet/data/categories.py)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p.parse_intermixed_args(argv)  # the overrides may follow the options
 
@@ -56,7 +61,9 @@ def export(args):
     inputs = example_inputs(model, *size)
     start = time.perf_counter()
     program = export_program(model, inputs, dynamic=not args.static, max_side=args.max_side)
-    meta = metadata(model, input_size=tuple(inputs[0].shape[-2:]) if args.static else None)
+    names, category_ids, source = load_categories(args.weights, cfg, cfg.model.num_classes, args.categories)
+    print(f"class names: {source}")
+    meta = metadata(model, names, category_ids, input_size=tuple(inputs[0].shape[-2:]) if args.static else None)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.format == "export":
         save_program(program, args.out, meta)

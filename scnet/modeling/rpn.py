@@ -52,6 +52,16 @@ class AnchorGenerator(nn.Module):
         return [self.grid_anchors(i, f.shape[-2], f.shape[-1], f.device) for i, f in enumerate(features)]
 
 
+def _best_in_graph(scores, k):
+    """The eager selection of a level's anchors without a branch on its (symbolic) size: the best k by
+    score when it has more than k, else all in anchor order. Eager leaves a small level unsorted, and
+    that order decides between equal scores in NMS (a padded region's anchors score alike)."""
+    n = torch.sym_min(scores.shape[0], k)
+    best = scores.sort(descending=True)[1][:n]
+    more_than_k = torch.ones_like(scores).sum() > k  # the size as a tensor: a choice in the graph
+    return torch.where(more_than_k, best, torch.arange(n, device=scores.device))
+
+
 class RPNHead(nn.Module):
     """3x3 conv + ReLU shared by all levels, then 1x1 objectness (A) and 1x1 deltas (4A) [impl 5.1]."""
 
@@ -145,11 +155,12 @@ class RPN(nn.Module):
             for lvl, (lg, dl, an) in enumerate(zip(logits, deltas, anchors)):
                 s = lg[i].sigmoid()
                 d = dl[i]
-                # exporting, the level's size is a symbol: sorted and cut at min(size, pre_nms) always
-                if exporting() or s.numel() > pre_nms:
-                    k = torch.sym_min(s.shape[0], pre_nms)  # a symbol while exporting: no guard on the size
+                if exporting():
+                    order = _best_in_graph(s, pre_nms)
+                    s, d, an = s[order], d[order], an[order]
+                elif s.numel() > pre_nms:
                     s, order = s.sort(descending=True)
-                    s, order = s[:k], order[:k]
+                    s, order = s[:pre_nms], order[:pre_nms]
                     d, an = d[order], an[order]
                 level_scores.append(s)
                 level_deltas.append(d)

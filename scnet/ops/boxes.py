@@ -97,14 +97,17 @@ def batched_nms(boxes, scores, idxs, iou_threshold, split_threshold=10000, max_d
     While exporting, nothing may depend on sizes read from the data: no shortcut, every candidate goes
     through NMS. With ``num_groups`` (the ids are 0..num_groups-1, e.g. the classes) that is one NMS per
     group, a loop the graph unrolls: the cost of greedy NMS grows with the square of its input, and one
-    NMS over all the candidates of 80 classes was a third of onnxruntime's time. Without it, the offset
-    path. (Both keep the same boxes as eager; the per-group one computes IoUs on the unmoved coordinates,
-    as eager does above ``split_threshold``.)
+    NMS over all the candidates of 80 classes was a third of onnxruntime's time. Each group's boxes are
+    moved by the offset eager would use (none from ``split_threshold`` candidates, chosen in the graph):
+    the IoUs are computed on the same float coordinates, so an IoU at the threshold is decided as in
+    eager. Without ``num_groups``, the offset path.
     """
     if exporting():
-        if num_groups is not None:
-            return _nms_each_group(boxes, scores, idxs, iou_threshold, num_groups)[:max_detections]
         offset = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max() + 1  # boxes.max() + 1, empty-safe
+        if num_groups is not None:
+            offset = torch.where(torch.ones_like(scores).sum() < split_threshold, offset, 0)  # n < split
+            moved = boxes + (idxs.to(boxes) * offset)[:, None]
+            return _nms_each_group(moved, scores, idxs, iou_threshold, num_groups)[:max_detections]
         return _batched_nms(boxes, scores, idxs, iou_threshold, offset)[:max_detections]
     n = scores.numel()
     if n == 0:

@@ -21,12 +21,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scnet.ops.export import exporting
+
 from .resnet import DEPTHS, FrozenBatchNorm2d, StagedBackbone
 
 # Down-sampling rate r of the average pooling in front of k2 (official SCBottleneck.pooling_r, SC-Conv paper §3.1).
 POOLING_R = 4
 # Bottleneck output channels = planes * EXPANSION, as in ResNet.
 EXPANSION = 4
+
+
+def pool_short_sides_whole(x, r):
+    """``avg_pool2d(x, r)`` with a side shorter than r pooled whole (SCConv.forward's two branches), in
+    one branch-free expression for an exported graph: the short sides are zero-padded to r, the padded
+    windows' means times r * r (exact for r a power of two) are their sums, divided by the pixels each
+    window covers. Bit-equal to the eager branches (tests/test_export.py)."""
+    h, w = x.shape[-2:]
+    x = F.pad(x, (0, torch.sym_max(w, r) - w, 0, torch.sym_max(h, r) - h))
+    return F.avg_pool2d(x, r) * (r * r) / (torch.sym_min(r, h) * torch.sym_min(r, w))
 
 
 class SCConv(nn.Module):
@@ -52,14 +64,18 @@ class SCConv(nn.Module):
     def forward(self, x):
         h, w = x.shape[-2:]
         r = self.k2[0].kernel_size
+        if exporting():  # no branch on the size: one graph for every input size
+            return self.calibrate(x, pool_short_sides_whole(x, r))
         if h >= r and w >= r:
-            small = self.k2(x)  # (N, C, H // r, W // r)
-        else:
-            # A side shorter than r (C5 of an input of 96 px or less) pools to nothing, an error in the
-            # official code; pool that side whole instead. Identical wherever the official code runs.
-            small = self.k2[1:](F.avg_pool2d(x, (min(r, h), min(r, w))))
+            return self.calibrate(x, self.k2[0](x))  # (N, C, H // r, W // r)
+        # A side shorter than r (C5 of an input of 96 px or less) pools to nothing, an error in the
+        # official code; pool that side whole instead. Identical wherever the official code runs.
+        return self.calibrate(x, F.avg_pool2d(x, (min(r, h), min(r, w))))
+
+    def calibrate(self, x, pooled):
+        small = self.k2[1:](pooled)
         # calibration weights from the small latent space, upsampled back (nearest, as the official code)
-        gate = torch.sigmoid(x + F.interpolate(small, size=(h, w)))
+        gate = torch.sigmoid(x + F.interpolate(small, size=x.shape[-2:]))
         return self.k4(self.k3(x) * gate)
 
 
