@@ -270,7 +270,7 @@ def test_scnet_r50_official_weights(tmp_path):
     """SCNet R-50 with the official implementation's seeded weights (reference dumps), both formats,
     three real photos at the official test scale (1333, 800)."""
     if not EXPORT_ALL:
-        pytest.skip("SCNET_EXPORT_ALL=1 checks SCNet R-50 (200 s; README: Export)")
+        pytest.skip("SCNET_EXPORT_ALL=1 checks SCNet R-50 (5 minutes; README: Export)")
     weights = os.path.join(REF_DIR, "scnet_r50_fpn_20e_coco_seed0_bncalib_000000000009.pth")
     if not (REF_DIR and os.path.exists(weights)):
         pytest.skip(f"SCNET_REF_DIR={REF_DIR!r} has no SCNet R-50 seeded weights: export NOT checked on them")
