@@ -124,14 +124,19 @@ def check_formats(model, tmp_path, name, images, onnx=True):
         assert_same_results(e, p, f"{name} pt2 image {i}")
         assert_same_masks(e, p, f"{name} pt2 image {i}")
     for i, (e, o) in enumerate(zip(eager, exported.get("onnx", []))):
-        what = f"{name} onnx image {i}"
-        assert len(o["scores"]) == len(e["scores"]) > 0, what
-        rows = match(e, o, ONNX_BOX_TOL)
-        assert rows is not None, f"{what}: a detection without its match"
-        o = {k: v[rows] for k, v in o.items()}
-        np.testing.assert_allclose(o["scores"], e["scores"], atol=ONNX_SCORE_TOL, rtol=0, err_msg=what)
-        assert_same_masks(e, o, what, reorder=False)  # rows already matched
+        assert_matched_results(e, o, f"{name} onnx image {i}", ONNX_BOX_TOL, ONNX_SCORE_TOL)
     return exported, runners
+
+
+def assert_matched_results(eager, exported, what, box_tol, score_tol):
+    """Every detection matched by label and box (within ``box_tol``), scores within ``score_tol``, masks
+    as assert_same_masks: for results where detections of nearly equal scores may come out swapped."""
+    assert len(exported["scores"]) == len(eager["scores"]) > 0, what
+    rows = match(eager, exported, box_tol)
+    assert rows is not None, f"{what}: a detection without its match"
+    exported = {k: v[rows] for k, v in exported.items()}
+    np.testing.assert_allclose(exported["scores"], eager["scores"], atol=score_tol, rtol=0, err_msg=what)
+    assert_same_masks(eager, exported, what, reorder=False)  # rows already matched
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,7 +217,8 @@ def assert_small_inputs_run(model, runner):
         eager = {k: v.numpy() for k, v in eager.items()}
         ours = runner.run(tensor, size)
         eager["masks"], ours["masks"] = eager["mask_probs"] >= 0.5, ours["mask_probs"] >= 0.5
-        assert_same_results(eager, ours, f"strip {i} {rgb.shape[:2]}")
+        # matched: torchvision's RoIAlign rounds unlike eager's, enough to swap two near-equal scores
+        assert_matched_results(eager, ours, f"strip {i} {rgb.shape[:2]}", TOLERANCES["box"], TOLERANCES["score"])
         assert runner(rgb)["masks"].shape == (len(ours["scores"]),) + rgb.shape[:2]
 
 
