@@ -1,17 +1,17 @@
 """The training step's host-device synchronisations: exactly the listed ones (docs/gpu.md), counted on the
-CPU by tests/host_syncs.py along the code path a GPU takes, and on a GPU by CUDA's own sync debug mode."""
+CPU by tests/host_syncs.py along the code path a GPU takes (tests/simulated_gpu.py), and on a GPU by
+CUDA's own sync debug mode."""
 import warnings
 
 import pytest
 import torch
-from torchvision.ops import roi_align as torchvision_roi_align
 
-import scnet.modeling.poolers as poolers
 from scnet.config import get_cfg
 from scnet.engine.train import train_step
 
 from conftest import synthetic_sample, tiny_model
 from host_syncs import record_host_syncs
+from simulated_gpu import simulated_gpu
 
 # (kind, file, function) -> calls in one step of tiny SCNet on two images: each is listed with its
 # reason in docs/gpu.md. A synchronisation added to the step fails this test: remove it, or list it there
@@ -29,13 +29,6 @@ EXPECTED = {
 HOST_SIDE = {("item", "modeling/detector.py", "_check_target")}  # CPU tensors: no synchronisation on a GPU
 
 
-def _torchvision_roi_align(features, rois, size, scale, sampling_ratio, aligned, group=1):
-    """What our roi_align runs on a GPU (scnet/ops/roi_align.py): torchvision's op."""
-    full = (size[0] * group, size[1] * group)
-    out = torchvision_roi_align(features, rois, full, scale, sampling_ratio, aligned)
-    return torch.nn.functional.adaptive_avg_pool2d(out, size) if group > 1 else out
-
-
 def _step_setup(device):
     model = tiny_model(device=device).train()
     samples = [synthetic_sample(157, 203, 3, seed=1), synthetic_sample(129, 171, 2, seed=2)]
@@ -46,11 +39,13 @@ def _step_setup(device):
     return args
 
 
-def test_training_step_synchronises_only_where_listed(monkeypatch):
-    monkeypatch.setattr(poolers, "roi_align", _torchvision_roi_align)  # the GPU's code path
-    args = _step_setup(torch.device("cpu"))
-    with record_host_syncs() as counts:
-        train_step(*args)
+def test_training_step_synchronises_only_where_listed():
+    """Counted along the GPU's code path (torchvision's RoIAlign, ...) on the simulated GPU."""
+    with simulated_gpu() as gpu:
+        args = _step_setup(gpu.device)
+        with record_host_syncs() as counts:
+            train_step(*args)
+    assert gpu.calls["torchvision.roi_align.default"] > 0
     assert dict(counts) == EXPECTED
 
 
