@@ -106,6 +106,58 @@ def main():
     dist.cleanup()
 
 
+def claim_output_dir(output_dir, cfg, resume, log):
+    """The main process's output folder: locked for this run, emptied of an earlier run's checkpoints
+    and log unless resuming, with this run's config.yaml. Returns the lock."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        lock = FolderLock(output_dir)  # one run per output folder, until this process ends
+        if not resume:
+            start_new_run(output_dir, log)  # never mixed with an earlier run's checkpoints and log
+        dump(cfg, os.path.join(output_dir, "config.yaml"))
+    except OSError as e:  # a full disk, no permission
+        raise FileError(f"cannot write in {output_dir}: {write_failure(e, output_dir)}") from None
+    return lock
+
+
+def resume_from(checkpoint, path, cfg, model, optimizer, scaler, log):
+    """The weights, optimizer, scaler and random streams of ``checkpoint``; its TrainState."""
+    changes = config_changes(checkpoint["config"], to_dict(cfg))
+    try:
+        state = restore_state(checkpoint, model, optimizer, scaler, log)
+    except (RuntimeError, ValueError) as e:  # another model: size mismatches, missing keys
+        model_changes = [c for c in changes if c.startswith("model.")] or ["none found"]
+        raise FileError(f"{path} does not fit this model ({str(e).splitlines()[0][:150]}); model settings that "
+                        f"differ from the checkpoint's: {'; '.join(model_changes[:5])}; resume with its "
+                        "config.yaml or use another --output-dir") from None
+    if changes:
+        log(f"WARNING: resuming with settings that differ from the checkpoint's: {'; '.join(changes[:8])}")
+    log(f"resumed from {path}: epoch {state.epoch}, iteration {state.iteration}")
+    return state
+
+
+def start_fresh(cfg, model, rank, log):
+    """A new run: this process's random streams (its own RoI sampling), the pretrained backbone."""
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+    if cfg.model.backbone.pretrained:
+        load_pretrained(model.backbone, cfg.model.backbone.pretrained)
+        log(f"backbone initialised from {cfg.model.backbone.pretrained}")
+    return TrainState()
+
+
+def total_iterations(solver, state, iters_per_epoch):
+    """The iteration the run ends at. The schedule is in epochs: a run resumed with another batch layout
+    (world size, images_per_gpu, accumulate_steps) trains the rest of its epochs in batches of the new
+    size and stops at the same epoch. A state at an epoch's end moves to the next epoch's start."""
+    if state.batch_in_epoch >= iters_per_epoch:  # resumed from a checkpoint of an epoch's last batch
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    remaining = max(0, (solver.epochs - state.epoch) * iters_per_epoch - state.batch_in_epoch)
+    total_iters = state.iteration + remaining
+    return min(total_iters, solver.max_iters) if solver.max_iters else total_iters
+
+
 def set_up(args):
     """Processes, config, model, data, optimizer, and the state to start from (fresh or resumed)."""
     device = dist.init_distributed()
@@ -114,16 +166,7 @@ def set_up(args):
     cfg = get_cfg(args.cfg, args.overrides)
     log = print if dist.is_main_process() else (lambda *a: None)
     output_dir = args.output_dir or os.path.join("output", os.path.splitext(os.path.basename(args.cfg or "default"))[0])
-    lock = None
-    if dist.is_main_process():
-        try:
-            os.makedirs(output_dir, exist_ok=True)
-            lock = FolderLock(output_dir)  # one run per output folder, until this process ends
-            if not args.resume:
-                start_new_run(output_dir, log)  # never mixed with an earlier run's checkpoints and log
-            dump(cfg, os.path.join(output_dir, "config.yaml"))
-        except OSError as e:  # a full disk, no permission
-            raise FileError(f"cannot write in {output_dir}: {write_failure(e, output_dir)}") from None
+    lock = claim_output_dir(output_dir, cfg, args.resume, log) if dist.is_main_process() else None
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -148,25 +191,9 @@ def set_up(args):
 
     checkpoint, path = resolve_resume(args.resume, output_dir, log)
     if checkpoint is not None:
-        changes = config_changes(checkpoint["config"], to_dict(cfg))
-        try:
-            state = restore_state(checkpoint, model, optimizer, scaler, log)
-        except (RuntimeError, ValueError) as e:  # another model: size mismatches, missing keys
-            model_changes = [c for c in changes if c.startswith("model.")] or ["none found"]
-            raise FileError(f"{path} does not fit this model ({str(e).splitlines()[0][:150]}); model settings that "
-                            f"differ from the checkpoint's: {'; '.join(model_changes[:5])}; resume with its "
-                            "config.yaml or use another --output-dir") from None
-        if changes:
-            log(f"WARNING: resuming with settings that differ from the checkpoint's: {'; '.join(changes[:8])}")
-        log(f"resumed from {path}: epoch {state.epoch}, iteration {state.iteration}")
+        state = resume_from(checkpoint, path, cfg, model, optimizer, scaler, log)
     else:
-        random.seed(cfg.seed + rank)
-        np.random.seed(cfg.seed + rank)
-        torch.manual_seed(cfg.seed + rank)
-        state = TrainState()
-        if cfg.model.backbone.pretrained:
-            load_pretrained(model.backbone, cfg.model.backbone.pretrained)
-            log(f"backbone initialised from {cfg.model.backbone.pretrained}")
+        state = start_fresh(cfg, model, rank, log)
     if args.compile:
         compile_dense_parts(model)  # in place: parameter names and checkpoints unchanged
     wrapped = model
@@ -174,14 +201,7 @@ def set_up(args):
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     iters_per_epoch = len(loader.batch_sampler)
-    if state.batch_in_epoch >= iters_per_epoch:  # resumed from a checkpoint of an epoch's last batch
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    # the schedule is in epochs: a run resumed with another batch layout (world size, images_per_gpu,
-    # accumulate_steps) trains the rest of its epochs in batches of the new size and stops at the same epoch
-    remaining = max(0, (cfg.solver.epochs - state.epoch) * iters_per_epoch - state.batch_in_epoch)
-    total_iters = state.iteration + remaining
-    if cfg.solver.max_iters:
-        total_iters = min(total_iters, cfg.solver.max_iters)
+    total_iters = total_iterations(cfg.solver, state, iters_per_epoch)
     accumulate = f" x {cfg.solver.accumulate_steps} accumulated" if cfg.solver.accumulate_steps > 1 else ""
     log(f"{len(dataset)} images, {world} process(es) x {cfg.solver.images_per_gpu} images{accumulate}, "
         f"{iters_per_epoch} iterations/epoch, {total_iters} in total, base lr {base_lr:g}")
