@@ -150,9 +150,7 @@ def start_fresh(cfg, model, rank, log):
 def total_iterations(solver, state, iters_per_epoch):
     """The iteration the run ends at. The schedule is in epochs: a run resumed with another batch layout
     (world size, images_per_gpu, accumulate_steps) trains the rest of its epochs in batches of the new
-    size and stops at the same epoch. A state at an epoch's end moves to the next epoch's start."""
-    if state.batch_in_epoch >= iters_per_epoch:  # resumed from a checkpoint of an epoch's last batch
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    size and stops at the same epoch."""
     remaining = max(0, (solver.epochs - state.epoch) * iters_per_epoch - state.batch_in_epoch)
     total_iters = state.iteration + remaining
     return min(total_iters, solver.max_iters) if solver.max_iters else total_iters
@@ -201,6 +199,8 @@ def set_up(args):
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     iters_per_epoch = len(loader.batch_sampler)
+    if state.batch_in_epoch >= iters_per_epoch:  # resumed from a checkpoint of an epoch's last batch
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     total_iters = total_iterations(cfg.solver, state, iters_per_epoch)
     accumulate = f" x {cfg.solver.accumulate_steps} accumulated" if cfg.solver.accumulate_steps > 1 else ""
     log(f"{len(dataset)} images, {world} process(es) x {cfg.solver.images_per_gpu} images{accumulate}, "

@@ -31,8 +31,8 @@ _INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
              aten._unsafe_index.Tensor, aten._unsafe_index_put.default}
 _COPIES = {aten.copy_.default, aten._copy_from.default, aten._copy_from_and_resize.default}
 # besides the pointwise ops (TensorIterator's CPU scalars), these read a 0-dim CPU operand as a number
-_TAKE_SCALAR_TENSORS = {aten.fill_.Tensor, aten.fill.Tensor, aten.masked_fill_.Tensor, aten.masked_fill.Tensor}
-_TOLIST, _NUMPY, _AUTOCAST = torch.Tensor.tolist, torch.Tensor.numpy, torch.autocast
+_TAKE_SCALAR_TENSORS = {aten.fill_.Tensor, aten.fill.Tensor, aten.masked_fill_.Tensor, aten.masked_fill.Tensor,
+                        aten.index_fill_.int_Tensor, aten.index_fill.int_Tensor}
 
 
 class DeviceMismatch(RuntimeError):
@@ -93,10 +93,21 @@ class SimulatedGpu(TorchDispatchMode):
         if _is_simulated(kwargs.get("device")):
             kwargs["device"] = CPU
         out = func(*pytree.tree_map(_unwrap, args), **pytree.tree_map(_unwrap, kwargs))
+        for t in _written(func, args, kwargs):
+            if isinstance(t, SimulatedGpuTensor) and t.shape != t.elem.shape:  # e.g. cat(..., out=empty)
+                raise NotImplementedError(f"{func}: resizes a tensor in place, which simulated_gpu() does not follow")
         if out_device != DEVICE:
             return out
         wrapped = pytree.tree_map(lambda t: SimulatedGpuTensor(t) if isinstance(t, torch.Tensor) else t, out)
         return return_and_correct_aliasing(func, args, kwargs, wrapped)  # in-place ops return their input
+
+
+def _written(func, args, kwargs):
+    """The tensors an op writes in place (self of ``add_``, ``out=``)."""
+    schema = func._schema.arguments
+    values = list(args) + [kwargs.get(a.name) for a in schema[len(args):]]
+    return [v for a, v in zip(schema, values)
+            if isinstance(v, torch.Tensor) and a.alias_info is not None and a.alias_info.is_write]
 
 
 def _output_device(func, args, kwargs):
@@ -115,62 +126,68 @@ def _output_device(func, args, kwargs):
         if isinstance(values, torch.Tensor) and values.dim() > 0 and _device(values) != target:
             raise DeviceMismatch(f"{func}: values on {_device(values)} put into a tensor on {target}")
         return target
-    scalars = torch.Tag.pointwise in func.tags or func in _TAKE_SCALAR_TENSORS  # a CPU 0-dim operand is a number
-    devices = {_device(t) for t in tensors if not (scalars and t.dim() == 0 and _device(t) == CPU)}
+    # a 0-dim CPU operand is read as a number by pointwise ops, but never as the tensor written
+    scalars = torch.Tag.pointwise in func.tags or func in _TAKE_SCALAR_TENSORS
+    written = {id(t) for t in _written(func, args, kwargs)}
+    devices = {_device(t) for t in tensors
+               if not (scalars and t.dim() == 0 and _device(t) == CPU and id(t) not in written)}
     if len(devices) > 1:
         operands = ", ".join(f"{tuple(t.shape)} on {_device(t)}" for t in tensors)
         raise DeviceMismatch(f"{func}: operands on different devices: {operands}")
     return devices.pop() if devices else CPU
 
 
-def _tolist(self):
-    return _TOLIST(_unwrap(self))  # a subclass's tolist is refused; a GPU's copies to the host
+def _patches(original):
+    """Replacements of functions that cannot see the simulated GPU, each calling ``original[name]``
+    (what was in place when the block began: an outer instrument's wrapper keeps counting)."""
+    def tolist(self):
+        return original["tolist"](_unwrap(self))  # a subclass's tolist is refused; a GPU's copies to the host
 
+    def numpy(self, *args, **kwargs):
+        if isinstance(self, SimulatedGpuTensor):  # a GPU's own words (a subclass's would be about subclasses)
+            raise TypeError(f"can't convert {DEVICE} device type tensor to numpy. Use Tensor.cpu() to copy the "
+                            "tensor to host memory first.")
+        return original["numpy"](self, *args, **kwargs)
 
-def _numpy(self, *args, **kwargs):
-    if isinstance(self, SimulatedGpuTensor):  # a GPU's own words (a subclass's would be about subclasses)
-        raise TypeError(f"can't convert {DEVICE} device type tensor to numpy. Use Tensor.cpu() to copy the "
-                        "tensor to host memory first.")
-    return _NUMPY(self, *args, **kwargs)
-
-
-def _created_then_moved(create):
-    """torch.tensor and torch.as_tensor fill the values outside the dispatcher, leaving a tensor created
-    on "meta" empty: create on the CPU, then move."""
-    def created_then_moved(data, *args, device=None, requires_grad=False, **kwargs):
+    # torch.tensor and torch.as_tensor fill in Python data outside the dispatcher and leave a tensor created
+    # on "meta" without values: create it on the CPU, then move it (a tensor's .to() is dispatched)
+    def tensor(data, *args, device=None, requires_grad=False, **kwargs):
         if not _is_simulated(device):
-            return create(data, *args, device=device, requires_grad=requires_grad, **kwargs)
-        return create(data, *args, **kwargs).to(device).requires_grad_(requires_grad)
-    return created_then_moved
+            return original["tensor"](data, *args, device=device, requires_grad=requires_grad, **kwargs)
+        return original["tensor"](data, *args, **kwargs).to(device).requires_grad_(requires_grad)
 
+    def as_tensor(data, dtype=None, device=None):
+        if isinstance(data, torch.Tensor) or not _is_simulated(device):
+            return original["as_tensor"](data, dtype=dtype, device=device)
+        return original["as_tensor"](data, dtype=dtype).to(device)
 
-def _new_tensor(self, data, dtype=None, device=None, requires_grad=False):
-    dtype = self.dtype if dtype is None else dtype
-    device = self.device if device is None else device
-    return torch.tensor(data, dtype=dtype, device=device, requires_grad=requires_grad)  # the patched one
+    def new_tensor(self, data, dtype=None, device=None, requires_grad=False):
+        dtype = self.dtype if dtype is None else dtype
+        return tensor(data, dtype=dtype, device=self.device if device is None else device, requires_grad=requires_grad)
 
+    def autocast(device_type, *args, enabled=True, **kwargs):
+        if device_type != DEVICE.type:
+            return original["autocast"](device_type, *args, enabled=enabled, **kwargs)
+        if enabled:  # autocast's casts are dispatch keys of the real device, which these tensors lack
+            raise NotImplementedError("simulated_gpu(): mixed precision needs a real GPU (tests/test_device.py)")
+        return contextlib.nullcontext()
 
-def _autocast(device_type, *args, enabled=True, **kwargs):
-    if device_type != DEVICE.type:
-        return _AUTOCAST(device_type, *args, enabled=enabled, **kwargs)
-    if enabled:
-        raise NotImplementedError("simulated_gpu(): mixed precision needs a real GPU (tests/test_device.py)")
-    return contextlib.nullcontext()
+    return {"tolist": tolist, "numpy": numpy, "tensor": tensor, "as_tensor": as_tensor, "new_tensor": new_tensor,
+            "autocast": autocast}
 
 
 @contextlib.contextmanager
 def simulated_gpu():
     """While the block runs, ``.to(gpu.device)`` and ``device=gpu.device`` give tensors on the simulated
     GPU. Yields the SimulatedGpu mode (``gpu.device``, ``gpu.calls``)."""
-    patches = {(torch.Tensor, "tolist"): _tolist, (torch.Tensor, "numpy"): _numpy, (torch, "tensor"): _created_then_moved(torch.tensor),
-               (torch, "as_tensor"): _created_then_moved(torch.as_tensor), (torch.Tensor, "new_tensor"): _new_tensor,
-               (torch, "autocast"): _autocast}
-    originals = {key: getattr(*key) for key in patches}
+    owners = {"tolist": torch.Tensor, "numpy": torch.Tensor, "new_tensor": torch.Tensor, "tensor": torch,
+              "as_tensor": torch, "autocast": torch}
+    originals = {name: getattr(owner, name) for name, owner in owners.items()}
     try:
-        for (owner, name), replacement in patches.items():
-            setattr(owner, name, replacement)
+        for name, replacement in _patches(originals).items():
+            setattr(owners[name], name, replacement)
         with SimulatedGpu() as mode:
             yield mode
     finally:
-        for (owner, name), original in originals.items():
-            setattr(owner, name, original)
+        for name, original in originals.items():
+            setattr(owners[name], name, original)

@@ -36,17 +36,21 @@ def test_the_simulated_gpu_enforces_the_device_rules():
         cpu = torch.ones(6)
         for mixed in (lambda: x + cpu, lambda: torch.cat([x, cpu]), lambda: torch.where(x > 2, x, cpu),
                       lambda: torch.stack([x[0], torch.tensor(1.0)]), lambda: cpu[torch.tensor([1], device=gpu.device)],
-                      lambda: x.index_put_((torch.tensor([0]),), cpu[:1])):
+                      lambda: x.index_put_((torch.tensor([0]),), cpu[:1]), lambda: torch.tensor(1.0).add_(x[0])):
             with pytest.raises(DeviceMismatch):
                 mixed()
         # what a GPU accepts: CPU scalars, CPU indices, copies both ways
         y = x * torch.tensor(2.0) + 1
+        assert x.clone().index_fill_(0, torch.tensor([0], device=gpu.device), torch.tensor(7.0)).tolist()[0] == 7.0
         assert y.device == gpu.device and y[torch.tensor([0, 5])].tolist() == [1.0, 11.0]
         assert torch.equal(x.cpu(), torch.arange(6.0)) and x.sum().item() == 15.0
         assert torch.equal(cpu.to(gpu.device).cpu(), cpu)
         made = [torch.tensor([1.0, 2.0], device=gpu.device), x.new_tensor([1.0, 2.0]),
                 torch.as_tensor([1.0, 2.0], device=gpu.device)]
         assert all(t.device == gpu.device and t.tolist() == [1.0, 2.0] for t in made)
+        leaf = torch.ones(2, device=gpu.device, requires_grad=True)
+        assert torch.as_tensor(leaf, device=gpu.device) is leaf and leaf.requires_grad
+        assert torch.as_tensor([1, 2]).device == CPU and torch.tensor([1.0], requires_grad=True).requires_grad
         with pytest.raises(TypeError, match="numpy"):
             x.numpy()  # as on a GPU: .cpu() first
         w = torch.ones(3, device=gpu.device, requires_grad=True)
@@ -54,6 +58,9 @@ def test_the_simulated_gpu_enforces_the_device_rules():
         assert w.grad.device == gpu.device and w.grad.tolist() == [0.0, 1.0, 2.0]
         with pytest.raises(NotImplementedError, match="mixed precision"):
             torch.autocast(gpu.device.type, dtype=torch.bfloat16)
+    assert (torch.tensor, torch.as_tensor, torch.autocast, torch.Tensor.tolist, torch.Tensor.numpy) == originals
+    with pytest.raises(DeviceMismatch), simulated_gpu() as gpu:  # undone after an error too
+        torch.ones(2, device=gpu.device) + torch.ones(2)
     assert (torch.tensor, torch.as_tensor, torch.autocast, torch.Tensor.tolist, torch.Tensor.numpy) == originals
 
 
@@ -138,6 +145,7 @@ def test_evaluation_and_tta_on_the_simulated_gpu(tmp_path):
     expected = evaluate(CPU)
     with simulated_gpu() as gpu:
         found = evaluate(gpu.device)
+    assert gpu.calls["torchvision.roi_align.default"] > 0
     for results, reference in zip(found, expected):
         assert len(results) == len(reference) > 0
         for r, e in zip(results, reference):
