@@ -16,6 +16,7 @@ from scnet.engine.train import train_step
 from scnet.modeling.tta import TestTimeAugmentation
 
 from conftest import ROOT, tiny_model, tiny_overrides
+from host_syncs import record_host_syncs
 from simulated_gpu import DeviceMismatch, simulated_gpu
 
 # the architectures, a config each (the zoo's configs combine their modules): 2-4 s each here;
@@ -62,6 +63,16 @@ def test_the_simulated_gpu_enforces_the_device_rules():
     with pytest.raises(DeviceMismatch), simulated_gpu() as gpu:  # undone after an error too
         torch.ones(2, device=gpu.device) + torch.ones(2)
     assert (torch.tensor, torch.as_tensor, torch.autocast, torch.Tensor.tolist, torch.Tensor.numpy) == originals
+
+
+def test_an_outer_instrument_keeps_seeing_reads_and_resizes_are_refused():
+    """tolist() inside the block reaches the wrapper an outer instrument installed before it; an op that
+    resizes its output in place (out= of another shape) is refused rather than followed wrongly."""
+    with record_host_syncs() as counts, simulated_gpu() as gpu:
+        assert torch.ones(2, device=gpu.device).tolist() == [1.0, 1.0]
+        with pytest.raises(NotImplementedError, match="resizes"):
+            torch.cat([torch.ones(2, device=gpu.device)] * 2, out=torch.empty(0, device=gpu.device))
+    assert [kind for kind, _, _ in counts] == ["tolist"]
 
 
 class _Scaled(torch.nn.Module):
