@@ -40,6 +40,7 @@ from scnet.engine.train import (
     checkpoint_state,
     count_nonfinite_step,
     restore_state,
+    resume_point,
     scaled_base_lr,
     set_learning_rate,
     train_step,
@@ -190,6 +191,7 @@ def set_up(args):
     checkpoint, path = resolve_resume(args.resume, output_dir, log)
     if checkpoint is not None:
         state = resume_from(checkpoint, path, cfg, model, optimizer, scaler, log)
+        state = resume_point(checkpoint, state, per_step * world, log)
     else:
         state = start_fresh(cfg, model, rank, log)
     if args.compile:

@@ -124,6 +124,21 @@ def test_resumed_with_another_batch_size_stops_at_the_same_epoch(dataset_dir, tm
     assert (result["epoch"], result["iteration"]) == (2, done["iteration"] + per_epoch)
 
 
+def test_resumed_mid_epoch_with_another_batch_size_keeps_its_place_in_images(dataset_dir, tmp_path):
+    # two steps of 2 images, stopped by solver.max_iters; the rest of the epoch in steps of 1 image
+    first = _run(_overrides(dataset_dir, "solver.epochs=1", "solver.images_per_gpu=2", "solver.max_iters=2"),
+                 tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (_final_weights(tmp_path)["iteration"], _final_weights(tmp_path)["batch_in_epoch"]) == (2, 2)
+    resumed = _run(["--resume", "auto", *_overrides(dataset_dir, "solver.epochs=1", "solver.images_per_gpu=1")],
+                   tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "epoch 0 goes on after 4 images, from batch 4 of the new size" in resumed.stdout
+    per_epoch = int(re.search(r"(\d+) iterations/epoch", resumed.stdout).group(1))
+    result = _final_weights(tmp_path)
+    assert (result["epoch"], result["iteration"]) == (1, 2 + per_epoch - 4)  # the epoch's 8 images, not 10
+
+
 def _losses(output_dir):
     """Per-iteration total loss (log_period=1), averaged over processes by the logger."""
     return {r["iteration"]: r["loss"] for r in _log(output_dir) if "loss" in r}

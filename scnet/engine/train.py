@@ -45,10 +45,32 @@ def learning_rate(iteration, epoch, base_lr, lr_steps, warmup_iters=500, warmup_
     return lr
 
 
+def total_batch(solver, world_size):
+    """The images of one update: ``accumulate_steps`` micro-batches of ``images_per_gpu`` on each process."""
+    return solver.images_per_gpu * world_size * solver.accumulate_steps
+
+
 def scaled_base_lr(solver, world_size):
-    """0.02 for a total batch of 16, scaled linearly with the real total batch [impl 17]: the images of
-    one update, ``accumulate_steps`` micro-batches of ``images_per_gpu`` on each of the processes."""
-    return solver.base_lr * solver.images_per_gpu * world_size * solver.accumulate_steps / solver.base_batch_size
+    """0.02 for a total batch of 16, scaled linearly with the real total batch [impl 17]."""
+    return solver.base_lr * total_batch(solver, world_size) / solver.base_batch_size
+
+
+def resume_point(checkpoint, state, images_per_step, log):
+    """``state`` with its place in the epoch in batches of this run's total batch.
+
+    A checkpoint counts its place in batches of its own total batch. Resumed with the same total batch
+    (however split over processes), the sampler gives exactly the batches that were still to come. With
+    another one the place is kept in images, so the epoch keeps its length: the sampler draws batches for
+    their size, so the rest of the epoch is then in another order (some images seen twice, some not)."""
+    solver = checkpoint["config"]["solver"]
+    before = checkpoint["world_size"] * solver["images_per_gpu"] * solver.get("accumulate_steps", 1)
+    if before != images_per_step and state.batch_in_epoch:
+        images = state.batch_in_epoch * before
+        state.batch_in_epoch = images // images_per_step
+        log(f"WARNING: the checkpoint's steps had {before} images, this run's have {images_per_step}: epoch "
+            f"{state.epoch} goes on after {images} images, from batch {state.batch_in_epoch} of the new size "
+            "(batches are drawn for their size: the rest of the epoch comes in another order)")
+    return state
 
 
 def rng_state():
@@ -93,7 +115,7 @@ def restore_state(checkpoint, model, optimizer, scaler, log):
         set_rng_state(checkpoint["rng"][dist.get_rank()])
     else:
         log(f"WARNING: the checkpoint was written by {checkpoint['world_size']} processes, this run has "
-            f"{dist.get_world_size()}: the data order continues, the random RoI sampling does not repeat")
+            f"{dist.get_world_size()}: the random RoI sampling does not repeat the uninterrupted run's")
     return TrainState(**checkpoint["train_state"])
 
 
