@@ -6,16 +6,24 @@ existing results file.
     python scripts/eval.py --cfg configs/r50_20e.yaml --weights scnet_r50_20e.pth --batch-size 4
     torchrun --nproc_per_node 8 scripts/eval.py --cfg configs/r50_20e.yaml --weights W.pth
     python scripts/eval.py --results output/r50_20e/eval/results.json --ann data/coco/annotations/instances_val2017.json
+    python scripts/eval.py --cfg configs/r50_20e.yaml --weights W.pth --format-only \
+        data.val_annotations=annotations/image_info_test-dev2017.json data.val_images=test2017
 
 The images (cfg.data.root / cfg.data.val_images, annotations cfg.data.val_annotations) are split over
 the processes and the results gathered on rank 0, which writes ``<output-dir>/results.json`` (COCO
 results format, original category ids) and ``metrics.json``, and prints pycocotools' 12-number
 summaries, a per-category AP table and, as the last stdout line, a one-line JSON summary. Warnings
 and the progress bar go to stderr.
+
+On a split without public ground truth (test-dev: its annotation file has no "annotations"), or with
+--format-only, nothing is evaluated: the results are checked and written as the zips COCO's evaluation
+server takes, ``<output-dir>/submission/{bbox,segm}/detections_<testset>_<alg>_results.zip``
+(scnet/evaluation/submission.py), and the JSON line names them.
 """
 import argparse
 import json
 import os
+import sys
 import warnings
 
 import torch
@@ -38,6 +46,7 @@ from scnet.evaluation.coco_eval import (
     load_ground_truth,
     summary_line,
 )
+from scnet.evaluation.submission import testset_name, write_submission
 
 
 def parse_args():
@@ -54,10 +63,15 @@ def parse_args():
                              "detections as 1 (scnet/engine/evaluate.py)")
     parser.add_argument("--results", help="evaluate this COCO results JSON instead of running a model")
     parser.add_argument("--ann", help="with --results: the ground-truth annotation JSON")
+    parser.add_argument("--format-only", action="store_true",
+                        help="write the upload files for COCO's evaluation server instead of evaluating (implied "
+                             "by an annotation file without annotations, such as image_info_test-dev2017.json)")
+    parser.add_argument("--alg", help="the algorithm's name in the upload files (default: the config's name)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args()
     if args.results and (args.weights or args.tta or args.cfg or args.overrides):
-        parser.error("--results evaluates a file: it takes --ann, --output-dir and --max-images only")
+        parser.error("--results evaluates a file: it takes --ann, --output-dir, --max-images, --format-only "
+                     "and --alg only")
     if args.results and not args.ann:
         parser.error("--results needs --ann (the ground-truth annotation JSON)")
     if args.batch_size < 1:
@@ -118,7 +132,7 @@ def run_model(args):
         skipped = len(dataset.skipped) + sum(len(info["skipped"]) for info in infos)
         extra = {"images": len(image_ids), "skipped_images": skipped, "detections": len(results),
                  "seconds": round(seconds, 3), "images_per_s": round(len(image_ids) / max(seconds, 1e-9), 3)}
-        report(os.path.join(cfg.data.root, cfg.data.val_annotations), results, image_ids, output_dir, extra)
+        finish(args, os.path.join(cfg.data.root, cfg.data.val_annotations), results, image_ids, output_dir, extra)
     dist.cleanup()
 
 
@@ -142,7 +156,25 @@ def run_results_file(args):
         selected = set(image_ids)
         results = [r for r in results if r["image_id"] in selected]
     output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.results))
-    report(coco_gt, results, image_ids, output_dir, {"images": len(image_ids), "detections": len(results)})
+    finish(args, args.ann, results, image_ids, output_dir, {"images": len(image_ids), "detections": len(results)},
+           coco_gt)
+
+
+def finish(args, annotation_file, results, image_ids, output_dir, extra, coco_gt=None):
+    """Evaluate and report; or, with --format-only or a ground truth without annotations, write the
+    upload files for COCO's evaluation server."""
+    coco_gt = load_ground_truth(coco_gt or annotation_file)
+    if not args.format_only and "annotations" in coco_gt.dataset:
+        return report(coco_gt, results, image_ids, output_dir, extra)
+    if not args.format_only:
+        print(f"{annotation_file} has no annotations (a split without public ground truth): writing the upload "
+              "files for COCO's evaluation server, nothing evaluated", file=sys.stderr)
+    check_results(coco_gt, results, image_ids)
+    alg = args.alg or (_config_name(args.cfg) if args.cfg else "scnet")
+    paths = write_submission(results, output_dir, testset_name(annotation_file), alg)
+    for iou_type, path in paths.items():
+        print(f"{iou_type}: {path} (upload to the {iou_type} track)")
+    print(json.dumps(dict(extra, submission=paths)), flush=True)
 
 
 def report(coco_gt, results, image_ids, output_dir, extra):

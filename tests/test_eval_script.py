@@ -8,13 +8,16 @@ import re
 import os
 import subprocess
 import sys
+import zipfile
 
 import pycocotools.mask as mask_util
 import pytest
 import torch
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from scnet.data.synthetic import make_synthetic_coco
+from scnet.evaluation.coco_eval import STAT_NAMES
 from scnet.engine.evaluate import input_shape_key, make_batches
 
 from conftest import ROOT, TINY, tiny_model
@@ -118,6 +121,59 @@ def test_results_mode_names_a_file_that_is_not_json(setup, tmp_path):
     proc = subprocess.run([sys.executable, EVAL, "--results", str(path), "--ann", ann], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().startswith(f"error: {path}: not a readable JSON file")
+
+
+def _submission(path):
+    """The one JSON file of an upload zip: (its name, its entries)."""
+    with zipfile.ZipFile(path) as archive:
+        (name,) = archive.namelist()
+        return name, json.loads(archive.read(name))
+
+
+def _coco_stats(gt, entries, iou_type):
+    """The 12 COCO numbers as pycocotools computes them from an upload file's entries (the server's way)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_eval = COCOeval(gt, gt.loadRes(entries), iou_type)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return [float(v) for v in coco_eval.stats]
+
+
+def test_a_split_without_ground_truth_gives_the_upload_files(setup, model_run):
+    root, ann, checkpoint, overrides = setup
+    out, _ = model_run
+    test_dev = _load(ann)
+    del test_dev["annotations"]  # as image_info_test-dev2017.json: images and categories only
+    (root / "data" / "annotations" / "image_info_test-dev2017.json").write_text(json.dumps(test_dev))
+    proc = _run(["--weights", checkpoint, "--output-dir", str(root / "test_dev"), *overrides,
+                 "data.val_annotations=annotations/image_info_test-dev2017.json"])
+    assert "has no annotations" in proc.stderr and "Average Precision" not in proc.stdout
+    summary = _summary(proc)
+    assert summary["images"] == 6 and set(summary["submission"]) == {"bbox", "segm"}
+    for iou_type, path in summary["submission"].items():
+        assert path == str(root / "test_dev" / "submission" / iou_type / "detections_test-dev2017_scnet_results.zip")
+
+    # what the server computes from each file on a split with ground truth equals our evaluation
+    gt, metrics, results = COCO(ann), _load(out / "metrics.json"), _load(out / "results.json")
+    name, boxes = _submission(summary["submission"]["bbox"])
+    assert name == "detections_test-dev2017_scnet_results.json"
+    assert boxes == [{k: r[k] for k in ("image_id", "category_id", "bbox", "score")} for r in results]
+    _, masks = _submission(summary["submission"]["segm"])
+    assert len(masks) == len(results) and all("bbox" not in m and "segmentation" in m for m in masks)
+    for iou_type, entries in (("bbox", boxes), ("segm", masks)):  # small/medium/large by the mask's area
+        assert _coco_stats(gt, entries, iou_type) == [metrics[iou_type][name] for name in STAT_NAMES]
+
+
+def test_results_mode_formats_a_results_file_for_upload(setup, model_run, tmp_path):
+    _, ann, _, _ = setup
+    out, _ = model_run
+    proc = _run(["--results", str(out / "results.json"), "--ann", ann, "--format-only", "--alg", "tiny_scnet",
+                 "--output-dir", str(tmp_path)])
+    assert "Average Precision" not in proc.stdout and not (tmp_path / "metrics.json").exists()
+    paths = _summary(proc)["submission"]
+    assert paths["segm"] == str(tmp_path / "submission" / "segm" / "detections_val_tiny-scnet_results.zip")
+    assert len(_submission(paths["bbox"])[1]) == len(_load(out / "results.json"))
 
 
 def test_two_processes_give_the_same_results(setup, model_run):
