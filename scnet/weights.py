@@ -128,6 +128,30 @@ def load_weights(model, path_or_url):
     return model
 
 
+def load_matching_weights(model, path_or_url):
+    """Initialise ``model`` from a checkpoint of a related model, for fine-tuning (MMDetection's
+    ``load_from``, Detectron2's ``MODEL.WEIGHTS``): every tensor whose name (official names renamed by
+    ``MMDET_RULES``) and shape match is loaded; the others keep the model's initialisation. Returns
+    ``{"loaded": n, "shape": [...], "missing": [...], "unused": [...]}``, the last three as key names
+    (with both shapes for "shape"). A checkpoint of which nothing fits is a FileError."""
+    state = extract_state_dict(read_checkpoint(path_or_url))
+    check_finite(state, path_or_url)
+    if is_mmdet_state_dict(state):
+        state = {mmdet_to_ours(k) or k: v for k, v in state.items()}
+    reference = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in reference and tuple(v.shape) == tuple(reference[k].shape)}
+    if not fits:
+        raise FileError(f"{path_or_url}: none of its {len(state)} tensors fits this model (names and shapes differ)")
+    model.load_state_dict(fits, strict=False)
+    return {
+        "loaded": len(fits),
+        "shape": [f"{k} {tuple(v.shape)} -> {tuple(reference[k].shape)}" for k, v in state.items()
+                  if k in reference and k not in fits],
+        "missing": [k for k in reference if k not in state],
+        "unused": [k for k in state if k not in reference],
+    }
+
+
 def mmdet_config_name(state_dict):
     """Our config (relative to configs/) of the official model a state dict comes from."""
     keys = set(state_dict)

@@ -48,6 +48,7 @@ from scnet.engine.train import (
 )
 from scnet.engine.validation import build_periodic_evaluation
 from scnet.modeling.backbone.resnet import load_pretrained
+from scnet.weights import load_matching_weights
 from scnet.utils.files import FileError, FolderLock, report_file_errors, save_file, write_failure
 from scnet.utils.malloc import keep_freed_memory
 
@@ -138,13 +139,23 @@ def resume_from(checkpoint, path, cfg, model, optimizer, scaler, log):
 
 
 def start_fresh(cfg, model, rank, log):
-    """A new run: this process's random streams (its own RoI sampling), the pretrained backbone."""
+    """A new run: this process's random streams (its own RoI sampling), the pretrained backbone, the
+    fine-tuning weights (train.init_weights)."""
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
     if cfg.model.backbone.pretrained:
         load_pretrained(model.backbone, cfg.model.backbone.pretrained)
         log(f"backbone initialised from {cfg.model.backbone.pretrained}")
+    if cfg.train.init_weights:
+        report = load_matching_weights(model, cfg.train.init_weights)
+        log(f"initialised {report['loaded']} of the model's {len(model.state_dict())} tensors from "
+            f"{cfg.train.init_weights}")
+        for kind, words in (("shape", "kept (another shape in the checkpoint)"),
+                            ("missing", "kept (not in the checkpoint)"), ("unused", "ignored (not in this model)")):
+            if report[kind]:
+                more = f" and {len(report[kind]) - 6} more" if len(report[kind]) > 6 else ""
+                log(f"  {words}: {', '.join(report[kind][:6])}{more}")
     return TrainState()
 
 

@@ -14,7 +14,7 @@ import torch
 
 from scnet.data.synthetic import make_synthetic_coco
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, tiny_model
 
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
 
@@ -137,6 +137,22 @@ def test_resumed_mid_epoch_with_another_batch_size_keeps_its_place_in_images(dat
     per_epoch = int(re.search(r"(\d+) iterations/epoch", resumed.stdout).group(1))
     result = _final_weights(tmp_path)
     assert (result["epoch"], result["iteration"]) == (1, 2 + per_epoch - 4)  # the epoch's 8 images, not 10
+
+
+def test_fine_tuning_starts_from_the_checkpoint_where_it_fits(dataset_dir, tmp_path):
+    # a checkpoint of a 7-class model; this run has 3 classes; lr 0 keeps the initial weights to compare
+    checkpoint = tmp_path / "seven_classes.pth"
+    torch.save({"model": tiny_model("model.num_classes=7", "model.semantic.num_classes=183", seed=5).state_dict()}, checkpoint)
+    args = _overrides(dataset_dir, "solver.max_iters=1", "solver.base_lr=0", f"train.init_weights={checkpoint}")
+    run = _run(args, tmp_path / "out")
+    assert run.returncode == 0, run.stderr[-3000:]
+    source, result = torch.load(checkpoint)["model"], _final_weights(tmp_path / "out")["model"]
+    kept = {k for k in result if result[k].shape != source[k].shape}
+    assert kept and all(".cls_score." in k or ".predictor." in k or ".classifier." in k for k in kept), kept
+    assert f"initialised {len(result) - len(kept)} of the model's {len(result)} tensors from {checkpoint}" in run.stdout
+    assert "kept (another shape in the checkpoint): roi_heads." in run.stdout
+    for key in result.keys() - kept:
+        assert torch.equal(result[key], source[key]), key
 
 
 def _losses(output_dir):

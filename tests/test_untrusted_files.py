@@ -111,8 +111,8 @@ def _data(root):
 
 
 def test_scripts_refuse_with_one_line(evil, marker, tmp_path, data_root):
-    """eval.py, demo.py, convert_mmdet.py, iou_distribution.py --weights; train.py --resume PATH and
-    model.backbone.pretrained=PATH."""
+    """eval.py, demo.py, convert_mmdet.py, iou_distribution.py --weights; train.py --resume PATH,
+    model.backbone.pretrained=PATH and train.init_weights=PATH."""
     overrides = TINY + _data(data_root)
     runs = {
         "eval.py": ["--weights", str(evil), *overrides],
@@ -122,6 +122,7 @@ def test_scripts_refuse_with_one_line(evil, marker, tmp_path, data_root):
         "train.py": ["--resume", str(evil), "--output-dir", str(tmp_path / "t1"), *overrides],
         "train.py pretrained": ["--output-dir", str(tmp_path / "t2"), *overrides,
                                 f"model.backbone.pretrained={evil}"],
+        "train.py init_weights": ["--output-dir", str(tmp_path / "t3"), *overrides, f"train.init_weights={evil}"],
     }
     for name, args in runs.items():
         result = _script(name.split()[0], *args)

@@ -10,9 +10,16 @@ import torchvision
 
 import scnet
 from scnet.modeling.backbone.resnet import ResNet, load_pretrained
-from scnet.weights import convert_mmdet_state_dict, mmdet_backbone_overrides, mmdet_config_name, mmdet_to_ours
+from scnet.utils.files import FileError
+from scnet.weights import (
+    convert_mmdet_state_dict,
+    load_matching_weights,
+    mmdet_backbone_overrides,
+    mmdet_config_name,
+    mmdet_to_ours,
+)
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT, TINY
 
 MANIFESTS = os.path.join(ROOT, "tests", "data", "mmdet_state_dicts")
 OFFICIAL_MODELS = {  # every manifest in tests/data, with our config of the same model
@@ -68,6 +75,35 @@ def test_synthesized_official_state_dict_converts_and_loads_strictly(official_an
     for key, tensor in official.items():
         assert torch.equal(ours[mmdet_to_ours(key)], tensor), key
     assert mmdet_config_name(official) == OFFICIAL_MODELS[manifest["config"]].replace("x101_64x4d_20e", "r50_20e")
+
+
+def test_fine_tuning_from_an_official_checkpoint_with_other_classes(tmp_path):
+    """load_matching_weights (train.init_weights): an official SCNet R-50 file into a 20-class SCNet loads
+    every tensor but those whose shape follows the number of classes, which keep their initialisation."""
+    official = _synthesize(_manifest("scnet_r50_fpn_20e_coco"))
+    path = tmp_path / "official.pth"
+    torch.save({"meta": {}, "state_dict": official}, path)
+    torch.manual_seed(0)
+    model = scnet.build_model(os.path.join(CONFIGS, "r50_20e.yaml"), overrides=["model.num_classes=20"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_matching_weights(model, str(path))
+    official_name = {mmdet_to_ours(k): k for k in official}
+    classes = {k for k, v in before.items() if v.shape != official[official_name[k]].shape}
+    assert classes == {f"roi_heads.box_heads.{t}.cls_score.{p}" for t in range(3) for p in ("weight", "bias")} | {
+        f"roi_heads.{m}.{p}" for m in ("mask_heads.0.predictor", "global_context.classifier") for p in ("weight", "bias")}
+    assert report["loaded"] == len(before) - len(classes) and not report["missing"] and not report["unused"]
+    assert sorted(entry.split()[0] for entry in report["shape"]) == sorted(classes)
+    after = model.state_dict()
+    for key in before:
+        expected = before[key] if key in classes else official[official_name[key]]
+        assert torch.equal(after[key], expected), key
+
+
+def test_fine_tuning_weights_that_fit_nothing_are_an_error(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"model": {"encoder.weight": torch.zeros(3)}}, path)
+    with pytest.raises(FileError, match="none of its 1 tensors fits this model"):
+        load_matching_weights(scnet.build_model(None, overrides=TINY), str(path))
 
 
 def test_backbone_shape_inference(official_and_model):

@@ -66,6 +66,10 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest N kept (the newest finite one is never deleted)
     max_nonfinite_steps: int = 10  # skipped non-finite steps tolerated before the run stops
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower; for exact resume on GPU)
+    # fine-tuning: a checkpoint (ours or an official MMDetection one) whose tensors initialise a new run
+    # where name and shape match, after the backbone's pretrained weights (scnet/weights.py,
+    # load_matching_weights); the rest, e.g. the class layers for another num_classes, keep their init
+    init_weights: str = ""
     # evaluation on the val split every eval_period epochs or iterations (eval_period_unit) and of the
     # final model; model_best.pth keeps the best by best_metric (scnet/engine/validation.py); 0: off
     eval_period: int = 1  # the official schedule validates at the end of each epoch
