@@ -48,9 +48,9 @@ from scnet.engine.train import (
 )
 from scnet.engine.validation import build_periodic_evaluation
 from scnet.modeling.backbone.resnet import load_pretrained
-from scnet.weights import load_matching_weights
 from scnet.utils.files import FileError, FolderLock, report_file_errors, save_file, write_failure
 from scnet.utils.malloc import keep_freed_memory
+from scnet.weights import load_matching_weights
 
 
 def parse_args():
