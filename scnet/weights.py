@@ -130,15 +130,16 @@ def load_weights(model, path_or_url):
 
 def load_matching_weights(model, path_or_url):
     """Initialise ``model`` from a checkpoint of a related model, for fine-tuning (MMDetection's
-    ``load_from``, Detectron2's ``MODEL.WEIGHTS``): every tensor whose name (official names renamed by
-    ``MMDET_RULES``) and shape match is loaded; the others keep the model's initialisation. Returns
+    ``load_from``, Detectron2's ``MODEL.WEIGHTS``): every tensor whose name (an official name that is not
+    ours renamed by ``MMDET_RULES``) and shape match is loaded; the others keep the model's initialisation. Returns
     ``{"loaded": n, "shape": [...], "missing": [...], "unused": [...]}``, the last three as key names
     (with both shapes for "shape"). A checkpoint of which nothing fits is a FileError."""
     state = extract_state_dict(read_checkpoint(path_or_url))
     check_finite(state, path_or_url)
-    if is_mmdet_state_dict(state):
-        state = {mmdet_to_ours(k) or k: v for k, v in state.items()}
     reference = model.state_dict()
+    # key by key: an official file of another architecture (a single-stage detector) still shares the
+    # backbone and FPN under names that only the rules map
+    state = {k if k in reference else (mmdet_to_ours(k) or k): v for k, v in state.items()}
     fits = {k: v for k, v in state.items() if k in reference and tuple(v.shape) == tuple(reference[k].shape)}
     if not fits:
         raise FileError(f"{path_or_url}: none of its {len(state)} tensors fits this model (names and shapes differ)")

@@ -169,9 +169,16 @@ def finish(args, annotation_file, results, image_ids, output_dir, extra, coco_gt
     if not args.format_only:
         print(f"{annotation_file} has no annotations (a split without public ground truth): writing the upload "
               "files for COCO's evaluation server, nothing evaluated", file=sys.stderr)
-    check_results(coco_gt, results, image_ids)
+    if len(image_ids) < len(coco_gt.getImgIds()):
+        print(f"WARNING: results for {len(image_ids)} of the {len(coco_gt.getImgIds())} images of {annotation_file} "
+              "(--max-images, or images that could not be read): the server counts the others as all missed",
+              file=sys.stderr)
     alg = args.alg or (_config_name(args.cfg) if args.cfg else "scnet")
-    paths = write_submission(results, output_dir, testset_name(annotation_file), alg)
+    try:
+        check_results(coco_gt, results, image_ids)
+        paths = write_submission(results, coco_gt, output_dir, testset_name(annotation_file), alg)
+    except ValueError as e:
+        raise SystemExit(f"error: {args.results or 'the results'}: {e}") from None
     for iou_type, path in paths.items():
         print(f"{iou_type}: {path} (upload to the {iou_type} track)")
     print(json.dumps(dict(extra, submission=paths)), flush=True)

@@ -202,7 +202,7 @@ def set_up(args):
     checkpoint, path = resolve_resume(args.resume, output_dir, log)
     if checkpoint is not None:
         state = resume_from(checkpoint, path, cfg, model, optimizer, scaler, log)
-        state = resume_point(checkpoint, state, per_step * world, log)
+        state = resume_point(checkpoint, state, loader.batch_sampler, log)
     else:
         state = start_fresh(cfg, model, rank, log)
     if args.compile:
@@ -212,8 +212,6 @@ def set_up(args):
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     iters_per_epoch = len(loader.batch_sampler)
-    if state.batch_in_epoch >= iters_per_epoch:  # resumed from a checkpoint of an epoch's last batch
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     total_iters = total_iterations(cfg.solver, state, iters_per_epoch)
     accumulate = f" x {cfg.solver.accumulate_steps} accumulated" if cfg.solver.accumulate_steps > 1 else ""
     log(f"{len(dataset)} images, {world} process(es) x {cfg.solver.images_per_gpu} images{accumulate}, "

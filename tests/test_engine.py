@@ -7,7 +7,7 @@ import torch
 from scnet.config import get_cfg
 from scnet.data.build import GroupedBatchSampler
 from scnet.engine.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from scnet.engine.train import learning_rate, scaled_base_lr
+from scnet.engine.train import TrainState, learning_rate, resume_point, scaled_base_lr
 
 from conftest import CONFIGS
 
@@ -102,6 +102,20 @@ def test_sampler_groups_shards_and_resumes():
     sampler.set_epoch(1)
     assert list(sampler) != batches  # a new order every epoch
     assert GroupedBatchSampler(groups, 2, seed=3).epoch_batches() == batches  # deterministic
+
+
+@pytest.mark.parametrize("world, images_per_gpu, done, processes, expected", [
+    (8, 2, 3, 1, (0, 25)),  # 3 of 4 batches of 16 -> 25 of 34 batches of 1: the same part, never past the end
+    (8, 2, 4, 1, (1, 0)),  # an epoch's last batch (older versions saved it so): the next epoch
+    (1, 2, 9, 2, (0, 9)),  # the same total batch on other processes: exactly the batches still to come
+    (1, 2, 18, 2, (1, 0)),
+])
+def test_resume_point_keeps_the_part_of_the_epoch_done(world, images_per_gpu, done, processes, expected):
+    # 34 images in two aspect groups of 17; this run: 1 image on each of ``processes`` processes
+    sampler = GroupedBatchSampler([0] * 17 + [1] * 17, batch_size=1, num_replicas=processes)
+    checkpoint = {"world_size": world, "config": {"solver": {"images_per_gpu": images_per_gpu, "accumulate_steps": 1}}}
+    state = resume_point(checkpoint, TrainState(epoch=0, batch_in_epoch=done), sampler, lambda *a: None)
+    assert (state.epoch, state.batch_in_epoch) == expected
 
 
 def test_console_tensorboard_and_log_show_the_same_numbers(tmp_path, capsys):

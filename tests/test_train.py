@@ -124,7 +124,7 @@ def test_resumed_with_another_batch_size_stops_at_the_same_epoch(dataset_dir, tm
     assert (result["epoch"], result["iteration"]) == (2, done["iteration"] + per_epoch)
 
 
-def test_resumed_mid_epoch_with_another_batch_size_keeps_its_place_in_images(dataset_dir, tmp_path):
+def test_resumed_mid_epoch_with_another_batch_size_keeps_its_place_in_the_epoch(dataset_dir, tmp_path):
     # two steps of 2 images, stopped by solver.max_iters; the rest of the epoch in steps of 1 image
     first = _run(_overrides(dataset_dir, "solver.epochs=1", "solver.images_per_gpu=2", "solver.max_iters=2"),
                  tmp_path)
@@ -133,10 +133,12 @@ def test_resumed_mid_epoch_with_another_batch_size_keeps_its_place_in_images(dat
     resumed = _run(["--resume", "auto", *_overrides(dataset_dir, "solver.epochs=1", "solver.images_per_gpu=1")],
                    tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "epoch 0 goes on after 4 images, from batch 4 of the new size" in resumed.stdout
-    per_epoch = int(re.search(r"(\d+) iterations/epoch", resumed.stdout).group(1))
+    before, now = (int(re.search(r"(\d+) iterations/epoch", run.stdout).group(1)) for run in (first, resumed))
+    start = 2 * now // before  # the same part of the epoch; in batches of 1 (the old code took batch 2)
+    assert now == 8 and start > 2
+    assert f"epoch 0 goes on after 2 of its {before} batches, from batch {start} of 8" in resumed.stdout
     result = _final_weights(tmp_path)
-    assert (result["epoch"], result["iteration"]) == (1, 2 + per_epoch - 4)  # the epoch's 8 images, not 10
+    assert (result["epoch"], result["iteration"]) == (1, 2 + now - start)
 
 
 def test_fine_tuning_starts_from_the_checkpoint_where_it_fits(dataset_dir, tmp_path):

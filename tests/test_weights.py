@@ -99,6 +99,20 @@ def test_fine_tuning_from_an_official_checkpoint_with_other_classes(tmp_path):
         assert torch.equal(after[key], expected), key
 
 
+def test_fine_tuning_from_an_official_single_stage_detector_takes_its_backbone_and_fpn(tmp_path):
+    """An official RetinaNet-like file (backbone, neck, no rpn_head/roi_head keys): its FPN's official
+    names are renamed too."""
+    official = {k: v for k, v in _synthesize(_manifest("scnet_r50_fpn_20e_coco")).items()
+                if k.startswith(("backbone.", "neck."))}
+    official["bbox_head.retina_cls.weight"] = torch.zeros(720, 256, 3, 3)
+    path = tmp_path / "retinanet.pth"
+    torch.save({"state_dict": official}, path)
+    model = scnet.build_model(os.path.join(CONFIGS, "r50_20e.yaml"))
+    report = load_matching_weights(model, str(path))
+    assert report["loaded"] == len(official) - 1 and report["unused"] == ["bbox_head.retina_cls.weight"]
+    assert torch.equal(model.state_dict()["neck.output_convs.3.weight"], official["neck.fpn_convs.3.conv.weight"])
+
+
 def test_fine_tuning_weights_that_fit_nothing_are_an_error(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"model": {"encoder.weight": torch.zeros(3)}}, path)

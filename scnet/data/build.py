@@ -67,8 +67,12 @@ class GroupedBatchSampler(Sampler):
 
     def __len__(self):
         """Batches per epoch (the same for every epoch and every process)."""
-        size = self.batch_size * self.num_replicas
-        return sum(-(-self.groups.count(g) // size) for g in set(self.groups))
+        return self.batches_per_epoch(self.batch_size * self.num_replicas)
+
+    def batches_per_epoch(self, total_batch):
+        """Batches per epoch with ``total_batch`` images per iteration over all processes (each aspect
+        group padded to whole batches)."""
+        return sum(-(-self.groups.count(g) // total_batch) for g in set(self.groups))
 
 
 def _pad_by_repetition(items, multiple):

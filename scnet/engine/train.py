@@ -55,21 +55,25 @@ def scaled_base_lr(solver, world_size):
     return solver.base_lr * total_batch(solver, world_size) / solver.base_batch_size
 
 
-def resume_point(checkpoint, state, images_per_step, log):
-    """``state`` with its place in the epoch in batches of this run's total batch.
+def resume_point(checkpoint, state, sampler, log):
+    """``state`` with its place in the epoch in batches of this run's ``sampler``.
 
-    A checkpoint counts its place in batches of its own total batch. Resumed with the same total batch
-    (however split over processes), the sampler gives exactly the batches that were still to come. With
-    another one the place is kept in images, so the epoch keeps its length: the sampler draws batches for
-    their size, so the rest of the epoch is then in another order (some images seen twice, some not)."""
+    A checkpoint counts its place in batches of its own total batch (images per update). Resumed with
+    the same total batch (however split over processes), the sampler gives exactly the batches that
+    were still to come. With another one the same fraction of the epoch counts as done (rounded down:
+    nothing of the epoch is skipped); batches are drawn for their size, so the rest of the epoch comes
+    in another order. A checkpoint of an epoch's last batch resumes with the next epoch."""
     solver = checkpoint["config"]["solver"]
     before = checkpoint["world_size"] * solver["images_per_gpu"] * solver.get("accumulate_steps", 1)
-    if before != images_per_step and state.batch_in_epoch:
-        images = state.batch_in_epoch * before
-        state.batch_in_epoch = images // images_per_step
-        log(f"WARNING: the checkpoint's steps had {before} images, this run's have {images_per_step}: epoch "
-            f"{state.epoch} goes on after {images} images, from batch {state.batch_in_epoch} of the new size "
-            "(batches are drawn for their size: the rest of the epoch comes in another order)")
+    done, per_epoch = state.batch_in_epoch, sampler.batches_per_epoch(before)
+    if done >= per_epoch:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    elif done and before != sampler.batch_size * sampler.num_replicas:
+        state.batch_in_epoch = done * len(sampler) // per_epoch
+        log(f"WARNING: the checkpoint's steps had {before} images, this run's have "
+            f"{sampler.batch_size * sampler.num_replicas}: epoch {state.epoch} goes on after {done} of its "
+            f"{per_epoch} batches, from batch {state.batch_in_epoch} of {len(sampler)} (in another order: "
+            "batches are drawn for their size)")
     return state
 
 

@@ -218,10 +218,25 @@ def detections_for(results, iou_type):
     return detections
 
 
+def compress_segmentations(detections, coco_gt):
+    """Polygons and uncompressed RLEs -> compressed RLEs with str counts, in place: without a box,
+    pycocotools' loadRes reads a segmentation only as a compressed RLE."""
+    for d in detections:
+        mask = d.get("segmentation")
+        if isinstance(mask, list) or (isinstance(mask, dict) and isinstance(mask["counts"], list)):
+            image = coco_gt.imgs[d["image_id"]]
+            rle = mask_util.frPyObjects(mask, image["height"], image["width"])
+            rle = mask_util.merge(rle) if isinstance(rle, list) else rle
+            d["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    return detections
+
+
 def load_detections(coco_gt, results, iou_type):
     """The pycocotools COCO object of ``detections_for(results, iou_type)`` (loadRes, quiet; copies, since
     loadRes writes area/id/iscrowd into the dicts; an empty one for no detection)."""
     detections = detections_for(results, iou_type)
+    if iou_type == "segm":
+        compress_segmentations(detections, coco_gt)
     with _quiet():
         return coco_gt.loadRes(detections) if detections else _empty_results(coco_gt)
 

@@ -19,7 +19,7 @@ import re
 import zipfile
 
 from ..utils.files import FileError, write_failure
-from .coco_eval import detections_for
+from .coco_eval import compress_segmentations, detections_for
 
 BOX_KEYS = ("image_id", "category_id", "bbox", "score")
 
@@ -30,28 +30,39 @@ def testset_name(annotation_file):
     return re.sub(r"^(image_info|instances)_", "", name)
 
 
-def submission_entries(results, iou_type):
-    """Copies of our result dicts as the server should read them for ``iou_type`` (see the top)."""
+def submission_entries(results, iou_type, coco_gt):
+    """Copies of the result dicts as the server should read them for ``iou_type`` (see the top); masks
+    as compressed RLEs (polygons converted with the image sizes of ``coco_gt``)."""
     if iou_type == "bbox":
         return [{k: r[k] for k in BOX_KEYS} for r in results]
-    return detections_for(results, "segm")
+    return compress_segmentations(detections_for(results, "segm"), coco_gt)
 
 
-def write_submission(results, output_dir, testset, alg):
-    """One zip per IoU type: bbox, and segm when every entry has a mask. Returns {iou type: path}.
+def write_submission(results, coco_gt, output_dir, testset, alg):
+    """One zip per IoU type that every entry has (a box: bbox, a mask: segm). Returns {iou type: path}.
     Underscores in ``alg`` become hyphens (the server's file name separates its fields by underscores).
-    Each zip is written whole or not at all: a failed write leaves the earlier file and raises FileError."""
+    Each zip is written whole or not at all: a failed write leaves the earlier file and raises FileError;
+    a zip of the other type from an earlier run under the same name is removed (it would not match)."""
+    if not results:  # pycocotools' loadRes cannot read an empty list
+        raise ValueError("no detections at all: nothing to upload")
     alg = alg.replace("_", "-")
-    iou_types = ["bbox"] + (["segm"] if all("segmentation" in r for r in results) else [])
+    key = {"bbox": "bbox", "segm": "segmentation"}
+    iou_types = [t for t in ("bbox", "segm") if all(key[t] in r for r in results)]
+    if not iou_types:
+        raise ValueError("some entries have no 'bbox', others no 'segmentation': neither file can be made")
     name = f"detections_{testset}_{alg}_results"
     paths = {}
-    for iou_type in iou_types:
+    for iou_type in ("bbox", "segm"):
         path = os.path.join(output_dir, "submission", iou_type, f"{name}.zip")
+        if iou_type not in iou_types:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
         tmp = path + ".tmp"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                archive.writestr(f"{name}.json", json.dumps(submission_entries(results, iou_type)))
+                archive.writestr(f"{name}.json", json.dumps(submission_entries(results, iou_type, coco_gt)))
             os.replace(tmp, path)
         except OSError as e:  # a full disk, no permission
             reason = write_failure(e, path)
