@@ -169,11 +169,13 @@ def test_results_mode_formats_a_results_file_for_upload(setup, model_run, tmp_pa
     _, ann, _, _ = setup
     out, _ = model_run
     proc = _run(["--results", str(out / "results.json"), "--ann", ann, "--format-only", "--alg", "tiny_scnet",
-                 "--output-dir", str(tmp_path)])
+                 "--output-dir", str(tmp_path), "--max-images", "4"])
     assert "Average Precision" not in proc.stdout and not (tmp_path / "metrics.json").exists()
+    assert f"WARNING: results for 4 of the 6 images of {ann}" in proc.stderr
     paths = _summary(proc)["submission"]
     assert paths["segm"] == str(tmp_path / "submission" / "segm" / "detections_val_tiny-scnet_results.zip")
-    assert len(_submission(paths["bbox"])[1]) == len(_load(out / "results.json"))
+    first = {image["id"] for image in _load(ann)["images"][:4]}
+    assert len(_submission(paths["bbox"])[1]) == sum(r["image_id"] in first for r in _load(out / "results.json"))
 
 
 def test_upload_files_of_results_with_polygons_or_masks_only(setup, model_run, tmp_path):
