@@ -2,12 +2,14 @@
 data and real COCO), summaries as pycocotools prints them, zero detections, wrong ids, skipped
 images, and 1 vs 2 processes (gloo) giving the same results and metrics."""
 import contextlib
+import copy
 import io
 import json
 import os
 import subprocess
 import sys
 import warnings
+import zipfile
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -27,6 +29,8 @@ from scnet.evaluation.coco_eval import (
     load_ground_truth,
     summary_line,
 )
+
+from scnet.evaluation.submission import write_submission
 
 from conftest import ROOT
 from dist_eval_worker import make_predict, noisy_detections
@@ -117,6 +121,35 @@ def test_ground_truth_scores_one_on_real_coco():
     assert len(metrics["bbox"]["per_category"]) == 80
     for iou_type in ("bbox", "segm"):  # the sample holds objects of every size
         assert min(metrics[iou_type][k] for k in ("APs", "APm", "APl")) == pytest.approx(1.0, abs=5e-4)
+
+
+def test_results_with_polygons_evaluate_and_upload_as_compressed_rle(shapes, tmp_path):
+    """Results whose masks are polygons or RLEs as annotations hold them (the ground truth itself):
+    perfect segm AP, and upload files whose masks are compressed RLEs that pycocotools reads without a
+    box, giving the same 12 numbers."""
+    _, ann = shapes
+    coco = load_ground_truth(ann)
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+                "segmentation": a["segmentation"]} for a in coco.dataset["annotations"] if not a["iscrowd"]]
+    assert {type(r["segmentation"]) for r in results} == {list, dict}
+    metrics = evaluate(coco, results)
+    _assert_perfect(metrics)
+
+    paths = write_submission(results, coco, str(tmp_path), "val", "gt")
+    with zipfile.ZipFile(paths["segm"]) as archive:
+        masks = json.loads(archive.read("detections_val_gt_results.json"))
+    assert all(set(m["segmentation"]) == {"size", "counts"} and isinstance(m["segmentation"]["counts"], str)
+               for m in masks)
+    with contextlib.redirect_stdout(io.StringIO()):
+        server = COCOeval(coco, coco.loadRes(copy.deepcopy(masks)), "segm")  # loadRes adds boxes
+        server.evaluate(), server.accumulate(), server.summarize()
+    assert [float(v) for v in server.stats] == [metrics["segm"][name] for name in STAT_NAMES]
+
+    # masks only, into the same folder: no box file, and the earlier one is gone; nothing at all: an error
+    assert set(write_submission(masks, coco, str(tmp_path), "val", "gt")) == {"segm"}
+    assert not os.path.exists(paths["bbox"])
+    with pytest.raises(ValueError, match="no detections at all"):
+        write_submission([], coco, str(tmp_path), "val", "gt")
 
 
 def test_one_category_missed(shapes):

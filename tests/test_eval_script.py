@@ -178,29 +178,14 @@ def test_results_mode_formats_a_results_file_for_upload(setup, model_run, tmp_pa
     assert len(_submission(paths["bbox"])[1]) == sum(r["image_id"] in first for r in _load(out / "results.json"))
 
 
-def test_upload_files_of_results_with_polygons_or_masks_only(setup, model_run, tmp_path):
+def test_results_mode_refuses_to_upload_nothing(setup, tmp_path):
     _, ann, _, _ = setup
-    results = _load(model_run[0] / "results.json")
-    x, y, w, h = results[0]["bbox"]
-    results[0]["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]  # a polygon, as some tools write
-    polygons = tmp_path / "polygons.json"
-    polygons.write_text(json.dumps(results))
-    evaluated = _run(["--results", str(polygons), "--ann", ann, "--output-dir", str(tmp_path / "eval")])
-    assert _summary(evaluated)["segm_AP"] >= 0
-    paths = _summary(_run(["--results", str(polygons), "--ann", ann, "--format-only", "--output-dir", str(tmp_path)]))
-    _, masks = _submission(paths["submission"]["segm"])
-    assert all(isinstance(m["segmentation"]["counts"], str) for m in masks)  # compressed RLE: what loadRes reads
-
-    masks_only = tmp_path / "masks_only.json"  # into the same folder: the earlier box file is removed
-    masks_only.write_text(json.dumps([{k: v for k, v in r.items() if k != "bbox"} for r in results]))
-    paths = _summary(_run(["--results", str(masks_only), "--ann", ann, "--format-only", "--output-dir", str(tmp_path)]))
-    assert set(paths["submission"]) == {"segm"} and not list((tmp_path / "submission" / "bbox").glob("*"))
-
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     proc = subprocess.run([sys.executable, EVAL, "--results", str(empty), "--ann", ann, "--format-only"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip() == f"error: {empty}: no detections at all: nothing to upload"
+    assert not (tmp_path / "submission").exists()
 
 
 def test_two_processes_give_the_same_results(setup, model_run):
